@@ -1,0 +1,80 @@
+-- squared's schema (SQLite). Times are Unix epoch microseconds.
+-- A job owns chunks (the unit of scheduling, each with its own state) and
+-- result segments (the unit of storage: at most 65,536 squares each, stored as
+-- little-endian i64 bytes). A chunk is 'done' only once all its segments are
+-- stored, so a restart re-runs exactly the chunks that are not.
+
+CREATE TABLE jobs (
+    id            TEXT PRIMARY KEY,          -- UUID v7, so ids sort by creation
+    status        TEXT NOT NULL CHECK (status IN ('queued', 'running', 'succeeded', 'failed', 'canceled')),
+    priority      INTEGER NOT NULL DEFAULT 0,
+    created_at    INTEGER NOT NULL,
+    started_at    INTEGER,
+    finished_at   INTEGER,
+    count         INTEGER NOT NULL,
+    cores         INTEGER NOT NULL,          -- as asked
+    strategy      TEXT NOT NULL,
+    transport     TEXT,
+    sleep_ms      INTEGER NOT NULL DEFAULT 0,
+    spin          INTEGER NOT NULL DEFAULT 0,
+    range_start   INTEGER,                   -- the range, for range jobs; list jobs
+    range_end     INTEGER,                   -- keep their numbers in job_inputs
+    range_step    INTEGER,
+    chunks_total  INTEGER NOT NULL,
+    chunks_done   INTEGER NOT NULL DEFAULT 0,
+    numbers_done  INTEGER NOT NULL DEFAULT 0,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    max_attempts  INTEGER NOT NULL DEFAULT 1,
+    timeout_ms    INTEGER,
+    resume        INTEGER NOT NULL DEFAULT 0, -- 1: re-queued after its node died; the next start is not a new attempt
+    request       TEXT NOT NULL,             -- the request echo (JSON)
+    timing        TEXT,                      -- totals (JSON), once the job has run
+    error         TEXT                       -- problem document (JSON)
+);
+
+-- The scheduler's queue: highest priority first, then oldest.
+CREATE INDEX jobs_queue ON jobs (priority DESC, created_at, id) WHERE status = 'queued';
+CREATE INDEX jobs_status ON jobs (status, id);
+
+CREATE TABLE job_metadata (
+    job_id  TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    key     TEXT NOT NULL,
+    value   TEXT NOT NULL,
+    PRIMARY KEY (job_id, key)
+);
+CREATE INDEX job_metadata_lookup ON job_metadata (key, value, job_id);
+
+-- A list job's numbers, in segments starting at multiples of 65,536.
+CREATE TABLE job_inputs (
+    job_id  TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    pos     INTEGER NOT NULL,
+    data    BLOB NOT NULL,
+    PRIMARY KEY (job_id, pos)
+);
+
+CREATE TABLE chunks (
+    job_id       TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    idx          INTEGER NOT NULL,
+    pos          INTEGER NOT NULL,
+    len          INTEGER NOT NULL,
+    state        TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'running', 'done')),
+    owner        TEXT,                       -- node running it
+    lease_until  INTEGER,
+    runs         INTEGER NOT NULL DEFAULT 0, -- how many times it was started
+    worker       TEXT,
+    node         TEXT,
+    start_ms     REAL,
+    duration_ms  REAL,
+    compute_ms   REAL,
+    store_ms     REAL,
+    PRIMARY KEY (job_id, idx)
+);
+
+-- Squares, in segments of at most 65,536, in input order by pos.
+CREATE TABLE results (
+    job_id  TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    pos     INTEGER NOT NULL,
+    len     INTEGER NOT NULL,
+    data    BLOB NOT NULL,
+    PRIMARY KEY (job_id, pos)
+);

@@ -1,0 +1,286 @@
+//! `/v1/jobs`: submit, read (with long-poll), list and delete jobs.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use http_body_util::BodyExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast::error::RecvError;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::error::ApiError;
+use super::{query_pairs, AppState};
+use crate::domain::{now_micros, rfc3339, JobDocument, JobLinks, JobSpec, JobStatus, Problem, Progress};
+use crate::metrics::Metrics;
+use crate::store::{Deleted, ListQuery, NewJob};
+
+/// Bodies above this are parsed on a blocking thread, not the async runtime.
+const INLINE_PARSE_BYTES: usize = 64 * 1024;
+/// The longest long-poll, in seconds.
+const MAX_WAIT_SECONDS: f64 = 60.0;
+const DEFAULT_PAGE: u32 = 100;
+const MAX_PAGE: u32 = 1000;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/jobs", get(list_jobs).post(submit_job))
+        .route("/v1/jobs/{id}", get(get_job).delete(delete_job))
+        .route("/v1/jobs/{id}/result", get(super::results::get_result))
+}
+
+/// Parses a job id from the path (400 when it is not a UUID).
+pub fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::bad_parameter("id", format!("{raw:?} is not a job id (a UUID)")))
+}
+
+pub fn not_found(id: Uuid) -> ApiError {
+    ApiError::NotFound(format!("no job {id}"))
+}
+
+/// Whether a Content-Type header declares JSON.
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let mime = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+}
+
+/// Options this server parses but does not run yet: refused rather than ignored.
+fn refuse_unsupported(spec: &JobSpec) -> Result<(), ApiError> {
+    let mut errors = Vec::new();
+    let mut refuse = |field: &str| {
+        errors.push(crate::domain::FieldError {
+            field: field.into(),
+            message: "is not supported by this server version yet".into(),
+        })
+    };
+    if spec.timeout_ms.is_some() {
+        refuse("timeout_ms");
+    }
+    if spec.max_attempts > 1 {
+        refuse("max_attempts");
+    }
+    if spec.callback_url.is_some() {
+        refuse("callback_url");
+    }
+    match errors.is_empty() {
+        true => Ok(()),
+        false => Err(ApiError::Validation { errors, more: 0 }),
+    }
+}
+
+/// Submit a job.
+#[utoipa::path(
+    post,
+    path = "/v1/jobs",
+    tag = "jobs",
+    request_body(content = crate::domain::JobRequestDoc, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Accepted and durably stored", body = JobDocument,
+         headers(("Location" = String, description = "/v1/jobs/{id}"))),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body or number count over a server limit", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not application/json", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid: `errors` names every bad field", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn submit_job(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    if !is_json(&headers) {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let too_large = || {
+        ApiError::TooLarge(crate::domain::FieldError {
+            field: "(body)".into(),
+            message: format!("the body is over this server's limit of {} bytes", app.max_body_bytes),
+        })
+    };
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > app.max_body_bytes) {
+        return Err(too_large());
+    }
+    let bytes = match http_body_util::Limited::new(body, app.max_body_bytes).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+        Err(e) => return Err(ApiError::MalformedJson(format!("could not read the body: {e}"))),
+    };
+    let limits = app.limits.clone();
+    let spec = if bytes.len() <= INLINE_PARSE_BYTES {
+        JobSpec::parse(&bytes, &limits)
+    } else {
+        tokio::task::spawn_blocking(move || JobSpec::parse(&bytes, &limits))
+            .await
+            .map_err(|e| ApiError::Internal(format!("parser task: {e}")))?
+    }
+    .map_err(ApiError::from)?;
+    refuse_unsupported(&spec)?;
+
+    let id = Uuid::now_v7();
+    let created_at = now_micros();
+    let chunks = spec.chunks();
+    app.store.insert_job(&NewJob { id, spec: &spec, created_at, chunks: &chunks }).await?;
+    app.metrics.jobs_submitted.get_or_create(&Metrics::strategy(spec.strategy.as_str())).inc();
+    app.scheduler.wake();
+    tracing::info!(job = %id, count = spec.count, strategy = spec.strategy.as_str(), cores = spec.cores, "job accepted");
+
+    let doc = JobDocument {
+        id,
+        status: JobStatus::Queued,
+        created_at: rfc3339(created_at),
+        started_at: None,
+        finished_at: None,
+        request: spec.echo(),
+        attempts: 0,
+        progress: Progress { chunks_done: 0, chunks_total: chunks.len() as u64, numbers_done: 0 },
+        timing: None,
+        error: None,
+        links: JobLinks::for_job(id),
+    };
+    Ok((StatusCode::ACCEPTED, [(header::LOCATION, doc.links.this.clone())], Json(doc)).into_response())
+}
+
+/// Get a job; with `wait`, long-poll until it ends.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}",
+    tag = "jobs",
+    params(
+        ("id" = Uuid, Path, description = "Job id"),
+        ("wait" = Option<f64>, Query, description = "Seconds (≤ 60) to wait for the job to end before answering"),
+    ),
+    responses(
+        (status = 200, description = "The job", body = JobDocument),
+        (status = 400, description = "Malformed id or wait", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown id", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn get_job(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<JobDocument>, ApiError> {
+    let id = parse_id(&id)?;
+    let mut wait = 0.0f64;
+    for (key, value) in query_pairs(query)? {
+        match key.as_str() {
+            "wait" => {
+                wait = value.parse::<f64>().ok().filter(|w| (0.0..=MAX_WAIT_SECONDS).contains(w)).ok_or_else(|| {
+                    ApiError::bad_parameter("wait", format!("{value:?} is not a number of seconds from 0 to 60"))
+                })?;
+            }
+            _ => return Err(ApiError::bad_parameter(key, "is not a known parameter")),
+        }
+    }
+    // Subscribe before reading, so an end between the read and the wait is not missed.
+    let mut events = app.events.subscribe();
+    let doc = app.store.job(id).await?.ok_or_else(|| not_found(id))?;
+    if doc.status.is_final() || wait == 0.0 {
+        return Ok(Json(doc));
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(wait);
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Err(_) | Ok(Err(RecvError::Closed)) => break,
+            Ok(Ok(event)) if event.id == id && event.status.is_final() => break,
+            Ok(Ok(_)) => {}
+            Ok(Err(RecvError::Lagged(_))) => {
+                if app.store.status(id).await?.is_none_or(JobStatus::is_final) {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(Json(app.store.job(id).await?.ok_or_else(|| not_found(id))?))
+}
+
+/// A page of jobs.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct JobList {
+    pub jobs: Vec<JobDocument>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// List jobs, newest first. Filter by metadata with `metadata.KEY=VALUE` (repeatable, all must match).
+#[utoipa::path(
+    get,
+    path = "/v1/jobs",
+    tag = "jobs",
+    params(
+        ("status" = Option<JobStatus>, Query, description = "Only jobs in this status"),
+        ("limit" = Option<u32>, Query, description = "Page size, 1 to 1000 (default 100)"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "A page of jobs", body = JobList),
+        (status = 400, description = "A bad parameter", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn list_jobs(State(app): State<AppState>, RawQuery(query): RawQuery) -> Result<Json<JobList>, ApiError> {
+    let mut q = ListQuery { limit: DEFAULT_PAGE, ..ListQuery::default() };
+    let mut metadata = BTreeMap::new();
+    for (key, value) in query_pairs(query)? {
+        match key.as_str() {
+            "status" => {
+                q.status = Some(JobStatus::parse(&value).ok_or_else(|| {
+                    ApiError::bad_parameter(
+                        "status",
+                        format!("{value:?} is not one of queued, running, succeeded, failed, canceled"),
+                    )
+                })?)
+            }
+            "limit" => {
+                q.limit = value.parse::<u32>().ok().filter(|n| (1..=MAX_PAGE).contains(n)).ok_or_else(|| {
+                    ApiError::bad_parameter("limit", format!("{value:?} is not a whole number from 1 to {MAX_PAGE}"))
+                })?
+            }
+            "cursor" => {
+                q.before = Some(
+                    Uuid::parse_str(&value)
+                        .map_err(|_| ApiError::bad_parameter("cursor", "is not a cursor from this API"))?,
+                )
+            }
+            k if k.starts_with("metadata.") && k.len() > "metadata.".len() => {
+                metadata.insert(k["metadata.".len()..].to_string(), value);
+            }
+            _ => return Err(ApiError::bad_parameter(key, "is not a known parameter")),
+        }
+    }
+    q.metadata = metadata;
+    let jobs = app.store.list_jobs(&q).await?;
+    let next_cursor = (jobs.len() as u32 == q.limit).then(|| jobs.last().map(|j| j.id.to_string())).flatten();
+    Ok(Json(JobList { jobs, next_cursor }))
+}
+
+/// Delete a job that has ended, with its result.
+#[utoipa::path(
+    delete,
+    path = "/v1/jobs/{id}",
+    tag = "jobs",
+    params(("id" = Uuid, Path, description = "Job id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, description = "Malformed id", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown id", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Still queued or running", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn delete_job(State(app): State<AppState>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+    let id = parse_id(&id)?;
+    match app.store.delete_job(id).await? {
+        Deleted::Yes => Ok(StatusCode::NO_CONTENT),
+        Deleted::NotFound => Err(not_found(id)),
+        Deleted::Busy(status) => Err(ApiError::Conflict {
+            kind: "/problems/job-active",
+            title: "The job has not ended",
+            detail: format!("job {id} is {}; only ended jobs can be deleted", status.as_str()),
+        }),
+    }
+}

@@ -1,0 +1,41 @@
+//! squared — a job-execution service that squares numbers and measures how.
+//!
+//! It grew out of the classic question "multiprocessing or multithreading?":
+//! clients submit a job (a list or a range of numbers, a core count and a
+//! strategy), squared splits it into chunks the way the seed note does, runs the
+//! chunks on one thread (`sequential`), on a pool of OS threads (`threads`) or on
+//! worker subprocesses (`processes`, results back through shared memory or a
+//! pipe), stores the squares durably and reports where the time went.
+//!
+//! # Layout
+//!
+//! Data flows one way: HTTP → domain (parse) → store → scheduler → exec → store → HTTP.
+//!
+//! - [`config`]: the command line; every server option is also an environment variable.
+//! - [`telemetry`]: tracing subscriber set-up (text or JSON logs).
+//! - [`domain`]: the parsed job request ([`domain::JobSpec`]), the chunk split,
+//!   job statuses and the job document clients see.
+//! - [`store`]: durable state: jobs, their inputs, chunks and result segments;
+//!   the only module that writes SQL.
+//! - [`scheduler`]: admits queued jobs within the node's core budget and runs
+//!   their chunks on an executor, storing each chunk's result as it completes.
+//! - [`exec`]: the three strategies behind one lane abstraction, the squaring
+//!   kernel, the worker wire protocol and shared memory.
+//! - [`worker`]: the hidden `squared worker` subprocess entry.
+//! - [`events`]: in-process notifications of job changes (long-poll wake-ups).
+//! - [`metrics`]: Prometheus metrics registry.
+//! - [`api`]: the axum router, one module per resource, errors as RFC 9457
+//!   problem documents, and the generated OpenAPI document.
+//! - [`server`]: wires store, scheduler and HTTP together for `squared serve`.
+
+pub mod api;
+pub mod config;
+pub mod domain;
+pub mod events;
+pub mod exec;
+pub mod metrics;
+pub mod scheduler;
+pub mod server;
+pub mod store;
+pub mod telemetry;
+pub mod worker;
