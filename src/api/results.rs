@@ -12,12 +12,14 @@ use uuid::Uuid;
 use super::error::ApiError;
 use super::jobs::{not_found, parse_id};
 use super::{query_pairs, AppState};
-use crate::domain::JobStatus;
+use crate::domain::{JobStatus, SEGMENT_LEN};
 use crate::exec::from_le_bytes;
 use crate::store::{Segment, Store};
 
-/// Segments read (and formatted) per step of the stream.
-const SEGMENTS_PER_STEP: u32 = 4;
+/// Each step of the stream reads (and formats) at most this many squares,
+/// from at most this many stored segments.
+const NUMBERS_PER_STEP: u64 = 4 * SEGMENT_LEN;
+const SEGMENTS_PER_STEP: u32 = 4096;
 pub const NDJSON: &str = "application/x-ndjson";
 
 /// A job's squares (the body is streamed; this describes its shape).
@@ -124,7 +126,11 @@ impl ResultStream {
                 Some((Ok(Bytes::from_static(tail.as_bytes())), self))
             }
             Phase::Body => {
-                let segments = match self.store.result_segments(self.id, self.next, self.to, SEGMENTS_PER_STEP).await {
+                let segments = match self
+                    .store
+                    .result_segments(self.id, self.next, self.to, SEGMENTS_PER_STEP, NUMBERS_PER_STEP)
+                    .await
+                {
                     Ok(s) => s,
                     Err(e) => return self.abort(format!("reading result segments: {e}")),
                 };

@@ -464,22 +464,30 @@ impl Store {
         Ok(jobs)
     }
 
-    /// Result segments that overlap `[from, to)`, in order, at most `max` of them.
-    pub async fn result_segments(&self, id: Uuid, from: u64, to: u64, max: u32) -> StoreResult<Vec<Segment>> {
-        // A segment holds at most SEGMENT_LEN squares, so one that overlaps
-        // `from` starts after `from - SEGMENT_LEN`.
-        let low = from.saturating_sub(SEGMENT_LEN - 1);
+    /// Result segments that overlap `[from, to)`, in order: at most `max_rows`
+    /// of them, covering at most `max_numbers` positions after `from`.
+    pub async fn result_segments(
+        &self,
+        id: Uuid,
+        from: u64,
+        to: u64,
+        max_rows: u32,
+        max_numbers: u64,
+    ) -> StoreResult<Vec<Segment>> {
+        let to = to.min(from.saturating_add(max_numbers));
+        // Start at the segment holding `from`: the last one starting at or before it.
         let rows = sqlx::query(
-            "SELECT pos, len, data FROM results WHERE job_id = ? AND pos >= ? AND pos < ? ORDER BY pos LIMIT ?",
+            "SELECT pos, len, data FROM results WHERE job_id = ?1 \
+             AND pos >= (SELECT COALESCE(MAX(pos), 0) FROM results WHERE job_id = ?1 AND pos <= ?2) \
+             AND pos < ?3 ORDER BY pos LIMIT ?4",
         )
         .bind(id.to_string())
-        .bind(low as i64)
+        .bind(from as i64)
         .bind(to as i64)
-        .bind(max as i64)
+        .bind(max_rows as i64)
         .fetch_all(&self.readers)
         .await?;
         rows.into_iter()
-            .filter(|r| (r.get::<i64, _>("pos") + r.get::<i64, _>("len")) as u64 > from)
             .map(|r| {
                 let data: Vec<u8> = r.get("data");
                 let len: i64 = r.get("len");
