@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -72,6 +73,30 @@ pub struct ServeArgs {
     #[arg(long, env = "SQUARED_MAX_SPIN", default_value_t = 10_000_000)]
     pub max_spin: u64,
 
+    /// Refuse new jobs with 429 while this many are queued (whole database) [default: no limit].
+    #[arg(long, env = "SQUARED_MAX_QUEUED")]
+    pub max_queued: Option<u64>,
+
+    /// Bounds every job's run, like a server-wide timeout_ms (e.g. 90s, 30m) [default: none].
+    #[arg(long, env = "SQUARED_MAX_JOB_DURATION", value_parser = parse_duration)]
+    pub max_job_duration: Option<Duration>,
+
+    /// On SIGTERM/SIGINT, how long running jobs may take to finish before they are stopped and re-queued.
+    #[arg(long, env = "SQUARED_SHUTDOWN_GRACE", value_parser = parse_duration, default_value = "30s")]
+    pub shutdown_grace: Duration,
+
+    /// Finished jobs and their results are deleted this long after they end.
+    #[arg(long, env = "SQUARED_RETENTION", value_parser = parse_duration, default_value = "7d")]
+    pub retention: Duration,
+
+    /// How long an Idempotency-Key is remembered.
+    #[arg(long, env = "SQUARED_IDEMPOTENCY_TTL", value_parser = parse_duration, default_value = "24h")]
+    pub idempotency_ttl: Duration,
+
+    /// An API key; repeat for several. When any is set, every /v1 call needs `Authorization: Bearer KEY`.
+    #[arg(long = "api-key", env = "SQUARED_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    pub api_keys: Vec<String>,
+
     /// This node's name in chunk records [default: hostname:port].
     #[arg(long, env = "SQUARED_NODE_NAME")]
     pub node_name: Option<String>,
@@ -92,5 +117,41 @@ impl ServeArgs {
             Command::Serve(args) => *args,
             _ => unreachable!("parsed `serve`"),
         }
+    }
+}
+
+/// Parses a duration such as `250ms`, `30s`, `15m`, `24h` or `7d` (a bare number is seconds).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number.parse().map_err(|_| format!("{text:?} is not a duration like 30s, 15m, 24h or 7d"))?;
+    let seconds = match unit.trim() {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        "d" => value * 86_400.0,
+        other => return Err(format!("unknown unit {other:?} in {text:?}: use ms, s, m, h or d")),
+    };
+    if !seconds.is_finite() || seconds < 0.0 {
+        return Err(format!("{text:?} is not a duration"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_like_people_write_them() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("1.5m"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5y").is_err());
     }
 }

@@ -1,6 +1,7 @@
 //! `squared serve`: opens the store, recovers interrupted jobs, starts the
 //! scheduler and the HTTP server, and supervises both until a signal.
 
+use std::future::IntoFuture;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -52,10 +53,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         store.clone(),
         events.clone(),
         metrics.clone(),
-        SchedulerConfig { node: node.clone(), cores, worker },
+        SchedulerConfig { node: node.clone(), cores, worker, max_job_duration: args.max_job_duration },
     );
+    let (stop, stopped) = watch::channel(false);
     let state = AppState {
-        store,
+        store: store.clone(),
         scheduler: scheduler.clone(),
         events,
         metrics,
@@ -68,22 +70,78 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_spin: args.max_spin,
         },
         max_body_bytes: args.max_body_bytes,
+        max_queued: args.max_queued,
+        idempotency_ttl: args.idempotency_ttl,
+        api_keys: Arc::new(api::digest_keys(&args.api_keys)),
+        shutdown: stopped.clone(),
     };
 
-    let (stop, stopped) = watch::channel(false);
-    let scheduler_task = tokio::spawn(scheduler.run(stopped));
+    let scheduler_task = tokio::spawn(scheduler.clone().run(stopped.clone()));
+    let retention_task = tokio::spawn(retention(store, args.retention, stopped.clone()));
     info!(%addr, %node, cores, database = %args.database, "squared is serving");
     // The one line on stdout: scripts (and the tests) read the address from it.
     println!("squared listening on http://{addr}");
 
-    axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving HTTP")?;
-    info!("shutting down");
-    let _ = stop.send(true);
+    // On a signal: stop admitting, let long-polls and event streams answer,
+    // drain in-flight requests, give running jobs their grace, then stop and
+    // re-queue what is left. Nothing accepted is lost.
+    let http = tokio::spawn(
+        axum::serve(listener, api::router(state))
+            .with_graceful_shutdown(async move {
+                shutdown_signal().await;
+                info!("shutting down: no new jobs start; draining requests");
+                let _ = stop.send(true);
+            })
+            .into_future(),
+    );
+    let mut stopping = stopped.clone();
+    let _ = stopping.wait_for(|s| *s).await;
     let _ = scheduler_task.await;
+    scheduler.shutdown(args.shutdown_grace).await;
+    let _ = retention_task.await;
+    match tokio::time::timeout(std::time::Duration::from_secs(10), http).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => return Err(e).context("serving HTTP"),
+        Ok(Err(e)) => return Err(e).context("the HTTP task"),
+        Err(_) => info!("some HTTP connections were still open after 10 s; closing them"),
+    }
+    info!("stopped");
     Ok(())
+}
+
+/// How often retention sweeps, and how many jobs one sweep deletes at most
+/// (small batches keep the writer free for the API).
+const RETENTION_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+const RETENTION_BATCH: u32 = 100;
+
+/// Deletes finished jobs older than `keep`, and expired idempotency keys.
+async fn retention(store: Store, keep: std::time::Duration, mut stop: watch::Receiver<bool>) {
+    loop {
+        let now = crate::domain::now_micros();
+        let cutoff = now.saturating_sub(keep.as_micros().min(i64::MAX as u128) as i64);
+        loop {
+            match store.purge_finished(cutoff, now, RETENTION_BATCH).await {
+                Ok(n) if n == u64::from(RETENTION_BATCH) => tokio::task::yield_now().await,
+                Ok(n) => {
+                    if n > 0 {
+                        info!(jobs = n, "retention deleted finished jobs");
+                    }
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "retention sweep failed; retrying later");
+                    break;
+                }
+            }
+            if *stop.borrow() {
+                return;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(RETENTION_INTERVAL) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

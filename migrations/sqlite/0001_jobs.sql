@@ -26,7 +26,9 @@ CREATE TABLE jobs (
     attempts      INTEGER NOT NULL DEFAULT 0,
     max_attempts  INTEGER NOT NULL DEFAULT 1,
     timeout_ms    INTEGER,
-    resume        INTEGER NOT NULL DEFAULT 0, -- 1: re-queued after its node died; the next start is not a new attempt
+    resume        INTEGER NOT NULL DEFAULT 0, -- 1: re-queued after its node died or a shutdown; the next start is not a new attempt
+    version       INTEGER NOT NULL DEFAULT 0, -- bumped on every change: the event stream's ids
+    attempt_errors TEXT NOT NULL DEFAULT '[]', -- each failed attempt's error (JSON array)
     request       TEXT NOT NULL,             -- the request echo (JSON)
     timing        TEXT,                      -- totals (JSON), once the job has run
     error         TEXT                       -- problem document (JSON)
@@ -78,3 +80,15 @@ CREATE TABLE results (
     data    BLOB NOT NULL,
     PRIMARY KEY (job_id, pos)
 );
+
+-- Idempotency keys: the same key with the same body returns the same job.
+CREATE TABLE idempotency_keys (
+    key         TEXT PRIMARY KEY,
+    body_hash   TEXT NOT NULL,
+    job_id      TEXT NOT NULL,
+    expires_at  INTEGER NOT NULL
+);
+CREATE INDEX idempotency_keys_expiry ON idempotency_keys (expires_at);
+
+-- Retention sweeps finished jobs by age.
+CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;

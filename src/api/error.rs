@@ -8,6 +8,8 @@ use crate::domain::{FieldError, Problem, SpecError};
 use crate::store::StoreError;
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
+/// What a full queue asks clients to wait, in seconds.
+const RETRY_AFTER_SECONDS: &str = "1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -35,6 +37,12 @@ pub enum ApiError {
     /// 409: the job is not in a state that allows this.
     #[error("conflict: {detail}")]
     Conflict { kind: &'static str, title: &'static str, detail: String },
+    /// 429: `--max-queued` jobs are waiting.
+    #[error("queue full")]
+    QueueFull { max: u64 },
+    /// 401: an API key is required and none (or a wrong one) was given.
+    #[error("unauthorized")]
+    Unauthorized,
     /// 503: the database is unreachable.
     #[error("unavailable: {0}")]
     Unavailable(String),
@@ -78,6 +86,8 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
+            ApiError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -124,6 +134,18 @@ impl ApiError {
                 vec![],
             ),
             ApiError::Conflict { kind, title, detail } => (kind, title, detail.clone(), vec![]),
+            ApiError::QueueFull { max } => (
+                "/problems/queue-full",
+                "Too many queued jobs",
+                format!("{max} jobs are already queued (this server's --max-queued); retry later"),
+                vec![],
+            ),
+            ApiError::Unauthorized => (
+                "/problems/unauthorized",
+                "Unauthorized",
+                "send a valid API key as Authorization: Bearer KEY".into(),
+                vec![],
+            ),
             ApiError::Unavailable(_) => (
                 "/problems/unavailable",
                 "Service unavailable",
@@ -155,6 +177,16 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
         }
-        problem_response(status, &self.problem())
+        let mut response = problem_response(status, &self.problem());
+        match self {
+            ApiError::QueueFull { .. } => {
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
+            }
+            ApiError::Unauthorized => {
+                response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            _ => {}
+        }
+        response
     }
 }

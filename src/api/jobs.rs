@@ -7,10 +7,11 @@ use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use http_body_util::BodyExt;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use tokio::sync::broadcast::error::RecvError;
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -19,7 +20,8 @@ use super::error::ApiError;
 use super::{query_pairs, AppState};
 use crate::domain::{now_micros, rfc3339, JobDocument, JobLinks, JobSpec, JobStatus, Problem, Progress};
 use crate::metrics::Metrics;
-use crate::store::{Deleted, ListQuery, NewJob};
+use crate::scheduler::{canceled_problem, Abort};
+use crate::store::{Canceled, Deleted, IdempotencyKey, Inserted, ListQuery, NewJob};
 
 /// Bodies above this are parsed on a blocking thread, not the async runtime.
 const INLINE_PARSE_BYTES: usize = 64 * 1024;
@@ -33,6 +35,8 @@ pub fn router() -> Router<AppState> {
         .route("/v1/jobs", get(list_jobs).post(submit_job))
         .route("/v1/jobs/{id}", get(get_job).delete(delete_job))
         .route("/v1/jobs/{id}/result", get(super::results::get_result))
+        .route("/v1/jobs/{id}/events", get(super::events::job_events))
+        .route("/v1/jobs/{id}/cancel", post(cancel_job))
 }
 
 /// Parses a job id from the path (400 when it is not a UUID).
@@ -62,12 +66,6 @@ fn refuse_unsupported(spec: &JobSpec) -> Result<(), ApiError> {
             message: "is not supported by this server version yet".into(),
         })
     };
-    if spec.timeout_ms.is_some() {
-        refuse("timeout_ms");
-    }
-    if spec.max_attempts > 1 {
-        refuse("max_attempts");
-    }
     if spec.callback_url.is_some() {
         refuse("callback_url");
     }
@@ -86,11 +84,16 @@ fn refuse_unsupported(spec: &JobSpec) -> Result<(), ApiError> {
     responses(
         (status = 202, description = "Accepted and durably stored", body = JobDocument,
          headers(("Location" = String, description = "/v1/jobs/{id}"))),
+        (status = 200, description = "The job this Idempotency-Key already created (same body)", body = JobDocument),
         (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body or number count over a server limit", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not application/json", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Idempotency-Key reused with another body", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid: `errors` names every bad field", body = Problem, content_type = "application/problem+json"),
-    )
+        (status = 429, description = "The queue is full (`--max-queued`); retry after `Retry-After` seconds", body = Problem, content_type = "application/problem+json",
+         headers(("Retry-After" = u32, description = "Seconds to wait"))),
+    ),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Same key and body: the original job (200), not a second one"))
 )]
 pub async fn submit_job(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     if !is_json(&headers) {
@@ -111,6 +114,21 @@ pub async fn submit_job(State(app): State<AppState>, headers: HeaderMap, body: B
         Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
         Err(e) => return Err(ApiError::MalformedJson(format!("could not read the body: {e}"))),
     };
+    let idempotency = match headers.get("idempotency-key") {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .filter(|k| (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()))
+                .ok_or_else(|| ApiError::bad_parameter("Idempotency-Key", "must be 1 to 255 visible ASCII characters"))?
+                .to_string(),
+        ),
+    };
+    let body_hash = match idempotency {
+        Some(_) => hex(&Sha256::digest(&bytes)),
+        None => String::new(),
+    };
     let limits = app.limits.clone();
     let spec = if bytes.len() <= INLINE_PARSE_BYTES {
         JobSpec::parse(&bytes, &limits)
@@ -125,7 +143,27 @@ pub async fn submit_job(State(app): State<AppState>, headers: HeaderMap, body: B
     let id = Uuid::now_v7();
     let created_at = now_micros();
     let chunks = spec.chunks();
-    app.store.insert_job(&NewJob { id, spec: &spec, created_at, chunks: &chunks }).await?;
+    let idempotency = idempotency.map(|key| IdempotencyKey {
+        key,
+        body_hash,
+        expires_at: created_at.saturating_add(app.idempotency_ttl.as_micros().min(i64::MAX as u128) as i64),
+    });
+    let new_job = NewJob { id, spec: &spec, created_at, chunks: &chunks, idempotency, max_queued: app.max_queued };
+    match app.store.insert_job(&new_job).await? {
+        Inserted::New => {}
+        Inserted::Existing(existing) => {
+            let doc = app.store.job(existing).await?.ok_or_else(|| not_found(existing))?;
+            return Ok((StatusCode::OK, [(header::LOCATION, doc.links.this.clone())], Json(doc)).into_response());
+        }
+        Inserted::KeyReused => {
+            return Err(ApiError::Conflict {
+                kind: "/problems/idempotency-key-reused",
+                title: "Idempotency-Key reused with another body",
+                detail: "this Idempotency-Key was used with a different request body; use a new key".into(),
+            })
+        }
+        Inserted::QueueFull => return Err(ApiError::QueueFull { max: app.max_queued.unwrap_or(0) }),
+    }
     app.metrics.jobs_submitted.get_or_create(&Metrics::strategy(spec.strategy.as_str())).inc();
     app.scheduler.wake();
     tracing::info!(job = %id, count = spec.count, strategy = spec.strategy.as_str(), cores = spec.cores, "job accepted");
@@ -138,10 +176,12 @@ pub async fn submit_job(State(app): State<AppState>, headers: HeaderMap, body: B
         finished_at: None,
         request: spec.echo(),
         attempts: 0,
+        attempt_errors: vec![],
         progress: Progress { chunks_done: 0, chunks_total: chunks.len() as u64, numbers_done: 0 },
         timing: None,
         error: None,
         links: JobLinks::for_job(id),
+        version: 0,
     };
     Ok((StatusCode::ACCEPTED, [(header::LOCATION, doc.links.this.clone())], Json(doc)).into_response())
 }
@@ -185,8 +225,16 @@ pub async fn get_job(
         return Ok(Json(doc));
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(wait);
+    let mut shutdown = app.shutdown.clone();
     loop {
-        match tokio::time::timeout_at(deadline, events.recv()).await {
+        if *shutdown.borrow() {
+            break; // answer now: a shutdown drains requests
+        }
+        let received = tokio::select! {
+            received = tokio::time::timeout_at(deadline, events.recv()) => received,
+            _ = shutdown.changed() => break,
+        };
+        match received {
             Err(_) | Ok(Err(RecvError::Closed)) => break,
             Ok(Ok(event)) if event.id == id && event.status.is_final() => break,
             Ok(Ok(_)) => {}
@@ -283,4 +331,49 @@ pub async fn delete_job(State(app): State<AppState>, Path(id): Path<String>) -> 
             detail: format!("job {id} is {}; only ended jobs can be deleted", status.as_str()),
         }),
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Cancel a job: a queued job never starts; a running job's workers are stopped.
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{id}/cancel",
+    tag = "jobs",
+    params(("id" = Uuid, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "The job, now canceled (its workers stopped)", body = JobDocument),
+        (status = 400, description = "Malformed id", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown id", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The job had already ended", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn cancel_job(State(app): State<AppState>, Path(id): Path<String>) -> Result<Json<JobDocument>, ApiError> {
+    let id = parse_id(&id)?;
+    match app.store.cancel_job(id, now_micros(), &canceled_problem()).await? {
+        Canceled::NotFound => return Err(not_found(id)),
+        Canceled::Ended(status) => {
+            return Err(ApiError::Conflict {
+                kind: "/problems/job-ended",
+                title: "The job has already ended",
+                detail: format!("job {id} is {}", status.as_str()),
+            })
+        }
+        Canceled::Now { was_running, strategy } => {
+            tracing::info!(job = %id, was_running, "job canceled");
+            if let Some(control) = app.scheduler.control(id) {
+                control.abort(Abort::Canceled);
+                // Answer once the workers are stopped (bounded: never hang a client).
+                let _ = tokio::time::timeout(Duration::from_secs(10), control.finished()).await;
+            } else if !was_running {
+                let labels =
+                    crate::metrics::FinishedLabels { status: "canceled".into(), strategy: strategy.as_str().into() };
+                app.metrics.jobs_finished.get_or_create(&labels).inc();
+            }
+            app.events.publish(crate::events::JobEvent { id, status: JobStatus::Canceled, progress: None });
+        }
+    }
+    Ok(Json(app.store.job(id).await?.ok_or_else(|| not_found(id))?))
 }

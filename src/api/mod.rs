@@ -3,6 +3,7 @@
 //! generated from the handlers (`openapi.yaml` is checked against it).
 
 pub mod error;
+mod events;
 mod health;
 mod jobs;
 mod results;
@@ -15,6 +16,7 @@ use axum::http::HeaderName;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use sha2::{Digest, Sha256};
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -38,6 +40,41 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     pub max_body_bytes: usize,
+    pub max_queued: Option<u64>,
+    pub idempotency_ttl: std::time::Duration,
+    /// SHA-256 digests of the API keys; empty: no key needed.
+    pub api_keys: Arc<Vec<[u8; 32]>>,
+    /// Turns true when the server starts shutting down: long-polls and event streams answer and end.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Digests API keys for [`AppState::api_keys`].
+pub fn digest_keys(keys: &[String]) -> Vec<[u8; 32]> {
+    keys.iter().filter(|k| !k.is_empty()).map(|k| Sha256::digest(k.as_bytes()).into()).collect()
+}
+
+/// Requires `Authorization: Bearer KEY` on `/v1` when keys are configured.
+/// Digests are compared in constant time, over every key.
+async fn require_key(State(app): State<AppState>, request: Request, next: Next) -> Response {
+    if app.api_keys.is_empty() || !request.uri().path().starts_with("/v1") {
+        return next.run(request).await;
+    }
+    let presented = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|key| -> [u8; 32] { Sha256::digest(key.trim().as_bytes()).into() });
+    let allowed = presented.is_some_and(|digest| {
+        app.api_keys.iter().fold(false, |found, key| {
+            let diff = key.iter().zip(digest.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+            found | (diff == 0)
+        })
+    });
+    match allowed {
+        true => next.run(request).await,
+        false => ApiError::Unauthorized.into_response(),
+    }
 }
 
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -50,6 +87,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError::NotFound("no such resource".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .route_layer(middleware::from_fn_with_state(state.clone(), track))
+        .layer(middleware::from_fn_with_state(state.clone(), require_key))
         .layer(
             ServiceBuilder::new()
                 .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeRequestUuid))
@@ -93,7 +131,9 @@ fn query_pairs(query: Option<String>) -> Result<Vec<(String, String)>, ApiError>
         jobs::list_jobs,
         jobs::get_job,
         jobs::delete_job,
+        jobs::cancel_job,
         results::get_result,
+        events::job_events,
         health::healthz,
         health::readyz,
         health::metrics,
@@ -105,16 +145,45 @@ fn query_pairs(query: Option<String>) -> Result<Vec<(String, String)>, ApiError>
         crate::domain::JobDocument,
         crate::domain::Problem,
         crate::domain::FieldError,
+        crate::domain::AttemptError,
         jobs::JobList,
         results::ResultPage,
         health::Health,
     )),
+    modifiers(&BearerAuth),
     tags(
         (name = "jobs", description = "Submit jobs, follow them, fetch their squares"),
         (name = "service", description = "Health, readiness, metrics, this document"),
     )
 )]
 pub struct ApiDoc;
+
+/// Declares the optional bearer-token scheme of `/v1` (`--api-key`).
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("Required on /v1 when the server runs with --api-key"))
+                    .build(),
+            ),
+        );
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            if !path.starts_with("/v1") {
+                continue;
+            }
+            for op in [&mut item.get, &mut item.post, &mut item.delete].into_iter().flatten() {
+                op.security = Some(vec![SecurityRequirement::new("api_key", Vec::<String>::new())]);
+            }
+        }
+    }
+}
 
 /// The OpenAPI document as YAML (what `openapi.yaml` must contain).
 pub fn openapi_yaml() -> String {

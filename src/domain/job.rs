@@ -150,14 +150,29 @@ pub struct JobDocument {
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
     pub request: RequestEcho,
-    /// How many times the job was started.
+    /// How many attempts the job has made: its first run, plus one per retry
+    /// after a worker crash. A restart after a node's death is not an attempt.
     pub attempts: u32,
+    /// The error of each attempt that failed, oldest first.
+    pub attempt_errors: Vec<AttemptError>,
     pub progress: Progress,
     /// Null until the job has run.
     pub timing: Option<Timing>,
     /// A problem document when the job failed or was canceled.
     pub error: Option<Problem>,
     pub links: JobLinks,
+    /// Bumped on every stored change; the ids of the event stream.
+    #[serde(skip)]
+    pub version: u64,
+}
+
+/// One failed attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AttemptError {
+    pub attempt: u32,
+    /// When it failed (RFC 3339).
+    pub at: String,
+    pub error: Problem,
 }
 
 /// Microseconds since the Unix epoch as RFC 3339 in UTC with milliseconds.

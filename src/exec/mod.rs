@@ -76,6 +76,10 @@ pub trait Lane: Send {
     fn worker(&self) -> String;
     /// How long starting this worker took.
     fn spawn_time(&self) -> Duration;
+    /// The worker's process id, for a subprocess.
+    fn pid(&self) -> Option<u32> {
+        None
+    }
     fn run_chunk(
         &mut self,
         work: &ChunkWork,

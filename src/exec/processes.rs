@@ -163,10 +163,6 @@ impl ProcessLane {
         Ok(lane)
     }
 
-    pub fn pid(&self) -> u32 {
-        self.pid
-    }
-
     fn send(&mut self, request: &Request, inline: Option<&[i64]>) -> Result<(), ExecError> {
         let stdin = self.stdin.as_mut().expect("stdin open while the lane runs");
         let result = stdin
@@ -227,6 +223,10 @@ impl Lane for ProcessLane {
 
     fn spawn_time(&self) -> Duration {
         self.spawn_time
+    }
+
+    fn pid(&self) -> Option<u32> {
+        Some(self.pid)
     }
 
     fn run_chunk(

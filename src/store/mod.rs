@@ -38,6 +38,41 @@ pub struct NewJob<'a> {
     pub spec: &'a JobSpec,
     pub created_at: i64,
     pub chunks: &'a [ChunkPlan],
+    pub idempotency: Option<IdempotencyKey>,
+    /// Refuse the job if this many jobs are already queued.
+    pub max_queued: Option<u64>,
+}
+
+/// An `Idempotency-Key` with the hash of the body it came with.
+pub struct IdempotencyKey {
+    pub key: String,
+    pub body_hash: String,
+    pub expires_at: i64,
+}
+
+/// What inserting a job did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inserted {
+    New,
+    /// The idempotency key was used before with the same body: that job.
+    Existing(Uuid),
+    /// The idempotency key was used before with another body.
+    KeyReused,
+    /// `max_queued` jobs are already waiting.
+    QueueFull,
+}
+
+/// What canceling a job did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Canceled {
+    NotFound,
+    /// It had already ended.
+    Ended(JobStatus),
+    /// It is canceled now; `was_running` says whether workers must be stopped.
+    Now {
+        was_running: bool,
+        strategy: Strategy,
+    },
 }
 
 /// The head of the queue, as the scheduler sees it.
@@ -61,6 +96,9 @@ pub struct StartedJob {
     pub range: Option<RangeSpec>,
     pub created_at: i64,
     pub started_at: i64,
+    pub attempts: u32,
+    pub max_attempts: u32,
+    pub timeout_ms: Option<u64>,
     pub chunks: Vec<ChunkPlan>,
 }
 

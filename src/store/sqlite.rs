@@ -9,10 +9,13 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 use uuid::Uuid;
 
-use super::{ChunkRecord, Deleted, Finish, ListQuery, NewJob, QueuedJob, Segment, StartedJob, StoreError, StoreResult};
+use super::{
+    Canceled, ChunkRecord, Deleted, Finish, Inserted, ListQuery, NewJob, QueuedJob, Segment, StartedJob, StoreError,
+    StoreResult,
+};
 use crate::domain::{
-    rfc3339, ChunkPlan, ChunkTiming, Input, JobDocument, JobLinks, JobStatus, Problem, Progress, RangeSpec,
-    RequestEcho, Simulate, Strategy, Timing, Transport, SEGMENT_LEN,
+    rfc3339, AttemptError, ChunkPlan, ChunkTiming, Input, JobDocument, JobLinks, JobStatus, Problem, Progress,
+    RangeSpec, RequestEcho, Simulate, Strategy, Timing, Transport, SEGMENT_LEN,
 };
 use crate::exec::le_bytes;
 
@@ -20,7 +23,7 @@ use crate::exec::le_bytes;
 const INSERT_BATCH: usize = 1000;
 
 const JOB_COLUMNS: &str = "id, status, created_at, started_at, finished_at, request, attempts, \
-     chunks_total, chunks_done, numbers_done, timing, error";
+     attempt_errors, chunks_total, chunks_done, numbers_done, timing, error, version";
 
 /// The SQLite-backed store. Cheap to clone.
 #[derive(Clone)]
@@ -71,8 +74,9 @@ impl Store {
         Ok(())
     }
 
-    /// Stores a new job with its input and chunks, in one transaction.
-    pub async fn insert_job(&self, job: &NewJob<'_>) -> StoreResult<()> {
+    /// Stores a new job with its input and chunks, in one transaction; or,
+    /// for a known idempotency key or a full queue, says why not.
+    pub async fn insert_job(&self, job: &NewJob<'_>) -> StoreResult<Inserted> {
         let spec = job.spec;
         let echo = serde_json::to_string(&spec.echo()).expect("the echo serialises");
         let range = match &spec.input {
@@ -81,6 +85,38 @@ impl Store {
         };
         let id = job.id.to_string();
         let mut tx = self.writer.begin().await?;
+        if let Some(key) = &job.idempotency {
+            let known = sqlx::query("SELECT body_hash, job_id FROM idempotency_keys WHERE key = ? AND expires_at > ?")
+                .bind(&key.key)
+                .bind(job.created_at)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if let Some(known) = known {
+                let hash: String = known.get("body_hash");
+                return Ok(match hash == key.body_hash {
+                    true => Inserted::Existing(parse_uuid(known.get("job_id"))?),
+                    false => Inserted::KeyReused,
+                });
+            }
+            sqlx::query(
+                "INSERT INTO idempotency_keys (key, body_hash, job_id, expires_at) VALUES (?, ?, ?, ?) \
+                 ON CONFLICT (key) DO UPDATE SET body_hash = excluded.body_hash, job_id = excluded.job_id, \
+                 expires_at = excluded.expires_at",
+            )
+            .bind(&key.key)
+            .bind(&key.body_hash)
+            .bind(&id)
+            .bind(key.expires_at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if let Some(max) = job.max_queued {
+            let queued: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetch_one(&mut *tx).await?;
+            if queued as u64 >= max {
+                return Ok(Inserted::QueueFull);
+            }
+        }
         sqlx::query(
             "INSERT INTO jobs (id, status, priority, created_at, count, cores, strategy, transport, sleep_ms, spin, \
              range_start, range_end, range_step, chunks_total, max_attempts, timeout_ms, request) \
@@ -133,7 +169,7 @@ impl Store {
             insert.build().execute(&mut *tx).await?;
         }
         tx.commit().await?;
-        Ok(())
+        Ok(Inserted::New)
     }
 
     /// The job document, or `None` for an unknown id.
@@ -222,6 +258,7 @@ impl Store {
             finished_at: finished_at.map(rfc3339),
             request,
             attempts: row.get::<i64, _>("attempts") as u32,
+            attempt_errors: parse_json(row.get("attempt_errors"))?,
             progress: Progress {
                 chunks_done: row.get::<i64, _>("chunks_done") as u64,
                 chunks_total: row.get::<i64, _>("chunks_total") as u64,
@@ -230,6 +267,7 @@ impl Store {
             timing,
             error: error.map(|e| parse_json::<Problem>(&e)).transpose()?,
             links: JobLinks::for_job(id),
+            version: row.get::<i64, _>("version") as u64,
         })
     }
 
@@ -289,9 +327,10 @@ impl Store {
         let id_text = id.to_string();
         let mut tx = self.writer.begin().await?;
         let row = sqlx::query(
-            "UPDATE jobs SET status = 'running', started_at = ?, attempts = attempts + 1 - resume, resume = 0 \
-             WHERE id = ? AND status = 'queued' \
-             RETURNING count, cores, strategy, transport, sleep_ms, spin, range_start, range_end, range_step, created_at",
+            "UPDATE jobs SET status = 'running', started_at = ?, attempts = attempts + 1 - resume, resume = 0, \
+             version = version + 1 WHERE id = ? AND status = 'queued' \
+             RETURNING count, cores, strategy, transport, sleep_ms, spin, range_start, range_end, range_step, \
+             created_at, attempts, max_attempts, timeout_ms",
         )
         .bind(now)
         .bind(&id_text)
@@ -334,6 +373,9 @@ impl Store {
             range,
             created_at: row.get("created_at"),
             started_at: now,
+            attempts: row.get::<i64, _>("attempts") as u32,
+            max_attempts: row.get::<i64, _>("max_attempts") as u32,
+            timeout_ms: row.get::<Option<i64>, _>("timeout_ms").map(|t| t as u64),
             chunks,
         }))
     }
@@ -349,19 +391,24 @@ impl Store {
         Ok(crate::exec::from_le_bytes(&data).collect())
     }
 
-    /// Stores one result segment (replacing one left by an interrupted run).
-    pub async fn put_segment(&self, id: Uuid, pos: u64, squares: &[i64]) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO results (job_id, pos, len, data) VALUES (?, ?, ?, ?) \
+    /// Stores one result segment (replacing one left by an interrupted run),
+    /// only while the job is running: a canceled job gains no squares.
+    /// Returns false when the job is not running any more.
+    pub async fn put_segment(&self, id: Uuid, pos: u64, squares: &[i64]) -> StoreResult<bool> {
+        let id = id.to_string();
+        let stored = sqlx::query(
+            "INSERT INTO results (job_id, pos, len, data) \
+             SELECT ?1, ?2, ?3, ?4 WHERE EXISTS (SELECT 1 FROM jobs WHERE id = ?1 AND status = 'running') \
              ON CONFLICT (job_id, pos) DO UPDATE SET len = excluded.len, data = excluded.data",
         )
-        .bind(id.to_string())
+        .bind(&id)
         .bind(pos as i64)
         .bind(squares.len() as i64)
         .bind(&*le_bytes(squares))
         .execute(&self.writer)
-        .await?;
-        Ok(())
+        .await?
+        .rows_affected();
+        Ok(stored > 0)
     }
 
     /// Marks a chunk done (all its segments are stored) and counts it on the job.
@@ -385,8 +432,8 @@ impl Store {
         .await?
         .rows_affected();
         let row = sqlx::query(
-            "UPDATE jobs SET chunks_done = chunks_done + ?, numbers_done = numbers_done + ? WHERE id = ? \
-             RETURNING chunks_done, chunks_total, numbers_done",
+            "UPDATE jobs SET chunks_done = chunks_done + ?, numbers_done = numbers_done + ?, version = version + 1 \
+             WHERE id = ? RETURNING chunks_done, chunks_total, numbers_done",
         )
         .bind(updated as i64)
         .bind(if updated > 0 { chunk.len as i64 } else { 0 })
@@ -427,7 +474,8 @@ impl Store {
             store_ms: sums.get("store_ms"),
         };
         let done = sqlx::query(
-            "UPDATE jobs SET status = ?, finished_at = ?, timing = ?, error = ? WHERE id = ? AND status = 'running'",
+            "UPDATE jobs SET status = ?, finished_at = ?, timing = ?, error = ?, version = version + 1 \
+             WHERE id = ? AND status = 'running'",
         )
         .bind(finish.status.as_str())
         .bind(finish.finished_at)
@@ -453,15 +501,113 @@ impl Store {
     /// queue (without counting an attempt); their `done` chunks stay done.
     pub async fn recover(&self) -> StoreResult<u64> {
         let mut tx = self.writer.begin().await?;
-        let jobs = sqlx::query("UPDATE jobs SET status = 'queued', resume = 1 WHERE status = 'running'")
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+        let jobs = sqlx::query(
+            "UPDATE jobs SET status = 'queued', resume = 1, version = version + 1 WHERE status = 'running'",
+        )
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
         sqlx::query("UPDATE chunks SET state = 'pending', owner = NULL, lease_until = NULL WHERE state = 'running'")
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
         Ok(jobs)
+    }
+
+    /// Cancels a job that has not ended, dropping any partial result.
+    pub async fn cancel_job(&self, id: Uuid, now: i64, problem: &Problem) -> StoreResult<Canceled> {
+        let id_text = id.to_string();
+        let mut tx = self.writer.begin().await?;
+        let row = sqlx::query("SELECT status, strategy FROM jobs WHERE id = ?")
+            .bind(&id_text)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else { return Ok(Canceled::NotFound) };
+        let status = parse_status(row.get("status"))?;
+        let strategy = parse_strategy(row.get("strategy"))?;
+        if status.is_final() {
+            return Ok(Canceled::Ended(status));
+        }
+        sqlx::query(
+            "UPDATE jobs SET status = 'canceled', finished_at = ?, error = ?, version = version + 1 WHERE id = ?",
+        )
+        .bind(now)
+        .bind(serde_json::to_string(problem).expect("problem serialises"))
+        .bind(&id_text)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM results WHERE job_id = ?").bind(&id_text).execute(&mut *tx).await?;
+        sqlx::query("UPDATE chunks SET state = 'pending', owner = NULL WHERE job_id = ? AND state = 'running'")
+            .bind(&id_text)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Canceled::Now { was_running: status == JobStatus::Running, strategy })
+    }
+
+    /// Puts a running job back in the queue (a shutdown stopped it): its done
+    /// chunks stay done and the next start is not a new attempt.
+    pub async fn requeue_job(&self, id: Uuid) -> StoreResult<bool> {
+        let id_text = id.to_string();
+        let mut tx = self.writer.begin().await?;
+        let requeued = sqlx::query(
+            "UPDATE jobs SET status = 'queued', resume = 1, version = version + 1 WHERE id = ? AND status = 'running'",
+        )
+        .bind(&id_text)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        sqlx::query("UPDATE chunks SET state = 'pending', owner = NULL WHERE job_id = ? AND state = 'running'")
+            .bind(&id_text)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(requeued > 0)
+    }
+
+    /// Records a failed attempt of a running job and starts the next one.
+    /// Returns the new attempt count, or `None` if the job is not running.
+    pub async fn record_attempt_error(&self, id: Uuid, error: &Problem, now: i64) -> StoreResult<Option<u32>> {
+        let id_text = id.to_string();
+        let mut tx = self.writer.begin().await?;
+        let row = sqlx::query("SELECT attempts, attempt_errors FROM jobs WHERE id = ? AND status = 'running'")
+            .bind(&id_text)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let attempts = row.get::<i64, _>("attempts") as u32;
+        let mut errors: Vec<AttemptError> = parse_json(row.get("attempt_errors"))?;
+        errors.push(AttemptError { attempt: attempts, at: rfc3339(now), error: error.clone() });
+        sqlx::query("UPDATE jobs SET attempts = ?, attempt_errors = ?, version = version + 1 WHERE id = ?")
+            .bind(i64::from(attempts + 1))
+            .bind(serde_json::to_string(&errors).expect("attempt errors serialise"))
+            .bind(&id_text)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(attempts + 1))
+    }
+
+    /// Deletes up to `batch` jobs that finished before `cutoff` (with their
+    /// results), and expired idempotency keys. Returns how many jobs went.
+    pub async fn purge_finished(&self, cutoff: i64, now: i64, batch: u32) -> StoreResult<u64> {
+        let mut tx = self.writer.begin().await?;
+        let deleted = sqlx::query(
+            "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ? \
+             AND status IN ('succeeded', 'failed', 'canceled') ORDER BY finished_at LIMIT ?)",
+        )
+        .bind(cutoff)
+        .bind(batch as i64)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        sqlx::query("DELETE FROM idempotency_keys WHERE key IN (SELECT key FROM idempotency_keys WHERE expires_at <= ? LIMIT ?)")
+            .bind(now)
+            .bind(batch as i64)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(deleted)
     }
 
     /// Result segments that overlap `[from, to)`, in order: at most `max_rows`
