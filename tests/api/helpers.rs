@@ -21,6 +21,7 @@ pub struct TestServer {
     dir: PathBuf,
     _tempdir: Option<tempfile::TempDir>,
     args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 static NEXT_TAG: AtomicU64 = AtomicU64::new(0);
@@ -33,6 +34,11 @@ impl TestServer {
 
     /// A server with extra `serve` arguments on a fresh database.
     pub async fn start_with(args: &[&str]) -> TestServer {
+        Self::start_with_env(args, &[]).await
+    }
+
+    /// A server with extra arguments and environment variables.
+    pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> TestServer {
         let tempdir = tempfile::tempdir().expect("temp dir");
         let dir = tempdir.path().to_path_buf();
         let tag = format!("{}-{}", std::process::id(), NEXT_TAG.fetch_add(1, Ordering::Relaxed));
@@ -44,6 +50,7 @@ impl TestServer {
             dir,
             _tempdir: Some(tempdir),
             args: args.iter().map(|s| s.to_string()).collect(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         server.launch();
         server
@@ -62,6 +69,7 @@ impl TestServer {
         let mut child = Command::new(env!("CARGO_BIN_EXE_squared"))
             .args(["serve", "--listen", "127.0.0.1:0", "--max-cores", "2", "--database", &self.database_url()])
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("SQUARED_TEST_TAG", &self.tag)
             .env("RUST_LOG", "info,sqlx=warn")
             .stdout(Stdio::piped())
@@ -98,6 +106,11 @@ impl TestServer {
             assert!(Instant::now() < deadline, "server did not stop on SIGTERM");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Adds `serve` arguments for the next (re)start.
+    pub fn add_args(&mut self, args: &[&str]) {
+        self.args.extend(args.iter().map(|s| s.to_string()));
     }
 
     /// Starts the server again on the same database.
