@@ -41,7 +41,7 @@ pub struct ServeArgs {
     #[arg(long, env = "SQUARED_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
-    /// Database URL: sqlite://PATH (created when missing).
+    /// Database URL: sqlite://PATH (created when missing) or postgres://USER@HOST/DB.
     #[arg(long, env = "DATABASE_URL", default_value = "sqlite://squared.db")]
     pub database: String,
 
@@ -96,6 +96,14 @@ pub struct ServeArgs {
     /// An API key; repeat for several. When any is set, every /v1 call needs `Authorization: Bearer KEY`.
     #[arg(long = "api-key", env = "SQUARED_API_KEYS", value_delimiter = ',', hide_env_values = true)]
     pub api_keys: Vec<String>,
+
+    /// How long a node's claim on a chunk lasts without a heartbeat; after it, another node re-runs the chunk.
+    #[arg(long, env = "SQUARED_LEASE", value_parser = parse_duration, default_value = "15s")]
+    pub lease: Duration,
+
+    /// Database connections (PostgreSQL pool size; SQLite reader connections).
+    #[arg(long, env = "SQUARED_DB_POOL_SIZE", default_value_t = 16)]
+    pub db_pool_size: u32,
 
     /// This node's name in chunk records [default: hostname:port].
     #[arg(long, env = "SQUARED_NODE_NAME")]

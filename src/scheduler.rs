@@ -1,19 +1,21 @@
-//! The scheduler: admits queued jobs by priority, then age, while the cores
-//! of running jobs stay within this node's budget, and runs each admitted job
-//! on its own driver thread.
+//! The scheduler: claims chunks of queued and running jobs — highest priority
+//! first, then oldest — while this node's core budget has room, and runs each
+//! claimed chunk on a lane (an OS thread, or a worker subprocess it drives).
 //!
-//! A driver starts the job's lanes (threads or worker subprocesses), which pull
-//! chunks from the job's queue; each segment of squares is stored as soon as it
-//! exists, and each chunk is marked done once all its segments are stored.
-//! Drivers and lanes are plain OS threads that reach the async store through
+//! Work is claimed, not assigned: every node claims from the shared store, a
+//! job never has more chunks running at once (cluster-wide) than its cores,
+//! and a heartbeat extends the leases of this node's chunks. A lane that
+//! finishes a chunk claims the next chunk of the same job, keeping its worker;
+//! the node that completes a job's last chunk ends the job in the store.
+//!
+//! Lanes are plain OS threads that reach the async store through
 //! `Handle::block_on`: compute never runs on the async runtime's workers.
-//!
-//! A running job can be aborted — canceled, timed out, or stopped by a
-//! shutdown — through its [`JobControl`]: lanes stop at their next item and
-//! worker processes are killed at once.
+//! A job running here can be aborted — canceled, timed out, ended elsewhere,
+//! or stopped by a shutdown — through its [`JobControl`]: lanes stop at their
+//! next item and worker processes are killed at once.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,10 +28,8 @@ use crate::domain::{now_micros, ChunkPlan, JobStatus, Problem, Strategy, Transpo
 use crate::events::{Events, JobEvent};
 use crate::exec::{self, ChunkWork, ExecError, Inputs, Lane, LaneKind, Sink, WorkerCommand};
 use crate::metrics::{FinishedLabels, Metrics};
-use crate::store::{ChunkRecord, Finish, QueuedJob, StartedJob, Store};
+use crate::store::{ChunkRecord, Claim, ClaimedJob, Store};
 
-/// How many queued jobs one admission pass looks at.
-const ADMIT_BATCH: u32 = 64;
 /// The fallback poll, for work that arrived without a wake-up.
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// First retry delay after a worker crash; doubles per attempt.
@@ -39,13 +39,21 @@ const RETRY_MAX: Duration = Duration::from_secs(10);
 /// Scheduler settings.
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
-    /// This node's name, written into chunk records.
+    /// This node's name, written into chunk records and claims.
     pub node: String,
     /// This node's core budget.
     pub cores: u32,
     pub worker: WorkerCommand,
     /// Bounds every job's run (`--max-job-duration`).
     pub max_job_duration: Option<Duration>,
+    /// How long a claim stays valid without a heartbeat.
+    pub lease: Duration,
+}
+
+impl SchedulerConfig {
+    fn heartbeat_interval(&self) -> Duration {
+        (self.lease / 3).max(Duration::from_millis(100))
+    }
 }
 
 /// Why a running job is being stopped from outside its lanes.
@@ -55,9 +63,12 @@ pub enum Abort {
     Canceled = 1,
     Timeout = 2,
     Shutdown = 3,
+    /// The job ended on another node (failed, timed out, canceled there).
+    Ended = 4,
 }
 
-/// The handle to one running job: abort it, and know when its driver is done.
+/// The handle to one job running on this node: abort it, and know when its
+/// last local lane is done.
 pub struct JobControl {
     /// The first abort reason (0: none).
     reason: AtomicU8,
@@ -103,15 +114,20 @@ impl JobControl {
             1 => Some(Abort::Canceled),
             2 => Some(Abort::Timeout),
             3 => Some(Abort::Shutdown),
+            4 => Some(Abort::Ended),
             _ => None,
         }
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
     }
 
     /// Tracks a worker process; kills it at once if the job is already stopping.
     fn register(&self, pid: u32) {
         let mut pids = self.pids.lock().unwrap_or_else(|p| p.into_inner());
         pids.push(pid);
-        if self.stop.load(Ordering::SeqCst) {
+        if self.stopped() {
             // SAFETY: as in `halt`.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
@@ -121,41 +137,40 @@ impl JobControl {
         self.pids.lock().unwrap_or_else(|p| p.into_inner()).retain(|p| *p != pid);
     }
 
-    /// Resolves once the job's driver has finished.
+    /// Resolves once the job has no lane left on this node.
     pub async fn finished(&self) {
         let mut done = self.done.subscribe();
         let _ = done.wait_for(|d| *d).await;
     }
 }
 
-/// Shared by the admission loop, the drivers and the API.
+/// A job with lanes on this node.
+struct LocalJob {
+    job: ClaimedJob,
+    control: JobControl,
+    /// Chunks claimed for this job and not yet picked up by a lane.
+    queue: Mutex<VecDeque<ChunkPlan>>,
+    /// Lanes of this job alive here (changed under the scheduler's `running` lock).
+    lanes: AtomicUsize,
+    /// Numbers lanes "thread N" for the job's chunk records.
+    next_lane: AtomicUsize,
+    /// Serialises retry decisions between this job's lanes.
+    retry: Mutex<()>,
+}
+
+/// Shared by the claim loop, the lanes, the heartbeat and the API.
 pub struct Scheduler {
     store: Store,
     events: Events,
     metrics: Arc<Metrics>,
     config: SchedulerConfig,
-    /// One permit per core of the budget; a running job holds one per lane.
+    /// One permit per core of the budget; each lane holds one.
     cores: Arc<Semaphore>,
-    /// Wakes the admission loop: new work, or cores returned.
+    /// Wakes the claim loop: new work, or cores returned.
     wake: Arc<Notify>,
-    /// Jobs running on this node.
-    running: Mutex<HashMap<Uuid, Arc<JobControl>>>,
+    /// Jobs with lanes on this node.
+    running: Mutex<HashMap<Uuid, Arc<LocalJob>>>,
     runtime: Handle,
-}
-
-/// Cores held by a running job; returned (and the scheduler woken) on drop.
-struct CoreLease {
-    _permit: OwnedSemaphorePermit,
-    cores: u32,
-    wake: Arc<Notify>,
-    metrics: Arc<Metrics>,
-}
-
-impl Drop for CoreLease {
-    fn drop(&mut self) {
-        self.metrics.cores_in_use.dec_by(i64::from(self.cores));
-        self.wake.notify_one();
-    }
 }
 
 impl Scheduler {
@@ -173,31 +188,36 @@ impl Scheduler {
         })
     }
 
-    /// Tells the admission loop that work may be waiting.
+    /// Tells the claim loop that work may be waiting.
     pub fn wake(&self) {
         self.wake.notify_one();
     }
 
-    /// The control of a job running on this node.
-    pub fn control(&self, id: Uuid) -> Option<Arc<JobControl>> {
-        self.running.lock().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
+    /// The control of a job with lanes on this node.
+    pub fn control(&self, id: Uuid) -> Option<ControlHandle> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner()).get(&id).cloned().map(ControlHandle)
     }
 
-    fn running_controls(&self) -> Vec<Arc<JobControl>> {
+    fn local_jobs(&self) -> Vec<Arc<LocalJob>> {
         self.running.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
     }
 
-    /// The admission loop; returns when `shutdown` turns true.
+    fn lease_until(&self) -> i64 {
+        now_micros() + self.config.lease.as_micros() as i64
+    }
+
+    /// The claim loop; returns when `shutdown` turns true.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = Duration::from_millis(100);
         loop {
             if *shutdown.borrow() {
                 return;
             }
-            match self.admit(&shutdown).await {
-                Ok(()) => backoff = Duration::from_millis(100),
+            match self.claim_and_start().await {
+                Ok(true) => continue, // there may be more
+                Ok(false) => backoff = Duration::from_millis(100),
                 Err(e) => {
-                    warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "admitting jobs failed");
+                    warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "claiming work failed");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = shutdown.changed() => {}
@@ -214,191 +234,198 @@ impl Scheduler {
         }
     }
 
-    /// Graceful stop, after the admission loop has stopped: running jobs get
-    /// `grace` to finish; the rest are stopped and put back in the queue
-    /// (their stored chunks kept, no attempt counted).
+    /// Claims chunks for the free cores and starts a lane per chunk. Returns
+    /// whether it started anything.
+    async fn claim_and_start(self: &Arc<Self>) -> Result<bool, crate::store::StoreError> {
+        let free = self.cores.available_permits() as u32;
+        if free == 0 {
+            return Ok(false);
+        }
+        let claims = self.store.claim(&self.config.node, free, self.lease_until(), now_micros()).await?;
+        let started = !claims.is_empty();
+        for claim in claims {
+            self.start_lanes(claim);
+        }
+        Ok(started)
+    }
+
+    /// Starts one lane per claimed chunk, joining the job's local state.
+    fn start_lanes(self: &Arc<Self>, claim: Claim) {
+        let id = claim.job.id;
+        let lanes = claim.chunks.len();
+        let (local, new) = {
+            let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+            let mut new = false;
+            let local = running
+                .entry(id)
+                .or_insert_with(|| {
+                    new = true;
+                    Arc::new(LocalJob {
+                        job: claim.job.clone(),
+                        control: JobControl::new(),
+                        queue: Mutex::new(VecDeque::new()),
+                        lanes: AtomicUsize::new(0),
+                        next_lane: AtomicUsize::new(0),
+                        retry: Mutex::new(()),
+                    })
+                })
+                .clone();
+            local.queue.lock().unwrap_or_else(|p| p.into_inner()).extend(claim.chunks);
+            local.lanes.fetch_add(lanes, Ordering::SeqCst);
+            (local, new)
+        };
+        if new {
+            self.events.publish(JobEvent { id, status: JobStatus::Running, progress: None });
+            self.watch_deadline(&local);
+        }
+        for _ in 0..lanes {
+            let Ok(permit) = self.cores.clone().try_acquire_owned() else {
+                error!(job = %id, "claimed more chunks than free cores");
+                self.lane_gone(&local);
+                continue;
+            };
+            self.metrics.cores_in_use.inc();
+            let (this, local) = (self.clone(), local.clone());
+            let spawned =
+                std::thread::Builder::new().name("squared-lane".into()).spawn(move || this.run_lane(local, permit));
+            if let Err(e) = spawned {
+                error!(job = %id, error = %e, "could not start a lane thread");
+            }
+        }
+    }
+
+    /// Times the job out at its deadline: the smaller of its `timeout_ms` and
+    /// `--max-job-duration`, counted from its start (the same on every node).
+    fn watch_deadline(self: &Arc<Self>, local: &Arc<LocalJob>) {
+        let limit = match (local.job.timeout_ms.map(Duration::from_millis), self.config.max_job_duration) {
+            (Some(a), Some(b)) => a.min(b),
+            (Some(a), None) | (None, Some(a)) => a,
+            (None, None) => return,
+        };
+        let deadline = local.job.started_at + limit.as_micros() as i64;
+        let (this, local) = (self.clone(), local.clone());
+        self.runtime.spawn(async move {
+            let wait = Duration::from_micros((deadline - now_micros()).max(0) as u64);
+            let mut done = local.control.done.subscribe();
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = done.wait_for(|d| *d) => return,
+            }
+            let job = &local.job;
+            let wall_ms = (now_micros() - job.started_at) as f64 / 1000.0;
+            match this.store.fail_job(job.id, &timeout_problem(job, wall_ms), now_micros()).await {
+                Ok(true) => {
+                    this.count_finished(job, JobStatus::Failed, wall_ms);
+                    info!(job = %job.id, wall_ms, "job timed out");
+                    this.events.publish(JobEvent { id: job.id, status: JobStatus::Failed, progress: None });
+                }
+                Ok(false) => {}
+                Err(e) => warn!(job = %job.id, error = %e, "could not record a timeout; stopping the job here"),
+            }
+            local.control.abort(Abort::Timeout);
+        });
+    }
+
+    /// Book-keeping when a lane of `local` ends; the last one removes the job.
+    fn lane_gone(&self, local: &Arc<LocalJob>) {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if local.lanes.fetch_sub(1, Ordering::SeqCst) == 1 {
+            running.remove(&local.job.id);
+            drop(running);
+            local.control.done.send_replace(true);
+        }
+    }
+
+    /// Keeps this node's leases alive, stops local jobs that ended elsewhere,
+    /// and releases chunks whose node died. Returns when `shutdown` turns true.
+    pub async fn heartbeat(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.config.heartbeat_interval()) => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+            let local: Vec<Uuid> = self.local_jobs().iter().map(|j| j.job.id).collect();
+            match self.store.heartbeat(&self.config.node, self.lease_until(), &local).await {
+                Ok(gone) => {
+                    for id in gone {
+                        if let Some(job) = self.running.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
+                            job.control.abort(Abort::Ended);
+                        }
+                    }
+                }
+                Err(e) => warn!(error = %e, "heartbeat failed; retrying"),
+            }
+            match self.store.rescue_expired(now_micros()).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    info!(chunks = n, "released chunks whose node stopped heartbeating");
+                    self.wake();
+                }
+                Err(e) => warn!(error = %e, "rescue of expired chunks failed; retrying"),
+            }
+        }
+    }
+
+    /// Graceful stop, after the claim loop has stopped (no new job starts
+    /// here): local jobs get `grace` to finish; the rest are stopped and their
+    /// chunks released (kept where stored, no attempt counted) for the next
+    /// node or start.
     pub async fn shutdown(&self, grace: Duration) {
         let deadline = tokio::time::Instant::now() + grace;
         let all_done = async {
-            for control in self.running_controls() {
-                control.finished().await;
+            for job in self.local_jobs() {
+                job.control.finished().await;
             }
         };
-        if tokio::time::timeout_at(deadline, all_done).await.is_ok() {
-            return;
-        }
-        let left = self.running_controls();
-        info!(jobs = left.len(), "grace period over: stopping running jobs and re-queueing them");
-        for control in &left {
-            control.abort(Abort::Shutdown);
-        }
-        for control in left {
-            if tokio::time::timeout(Duration::from_secs(10), control.finished()).await.is_err() {
-                warn!("a job driver did not stop within 10 s of its abort");
+        if tokio::time::timeout_at(deadline, all_done).await.is_err() {
+            let left = self.local_jobs();
+            info!(jobs = left.len(), "grace period over: stopping running jobs and re-queueing them");
+            for job in &left {
+                job.control.abort(Abort::Shutdown);
             }
+            for job in &left {
+                if tokio::time::timeout(Duration::from_secs(10), job.control.finished()).await.is_err() {
+                    warn!(job = %job.job.id, "a job's lanes did not stop within 10 s of the abort");
+                }
+            }
+        }
+        match self.store.release_chunks(Some(&self.config.node)).await {
+            Ok(0) => {}
+            Ok(n) => info!(chunks = n, "released this node's unfinished chunks; their jobs are re-queued"),
+            Err(e) => warn!(error = %e, "could not release chunks; they are rescued when their lease expires"),
         }
     }
 
-    /// Lanes a job runs on here: its cores, within the budget and its chunk count.
-    fn lanes_for(&self, job: &QueuedJob) -> u32 {
-        let wanted = match job.strategy {
-            Strategy::Sequential => 1,
-            _ => job.cores,
-        };
-        wanted.min(self.config.cores).min(job.chunks_total.min(u64::from(u32::MAX)) as u32).max(1)
-    }
-
-    /// Starts queued jobs, in order, while their lanes fit in the free cores.
-    /// The head of the queue is never overtaken: if it does not fit, nothing
-    /// behind it starts until cores are returned.
-    async fn admit(self: &Arc<Self>, shutdown: &watch::Receiver<bool>) -> Result<(), crate::store::StoreError> {
-        loop {
-            let queued = self.store.queued(ADMIT_BATCH).await?;
-            let full_batch = queued.len() as u32 == ADMIT_BATCH;
-            for job in queued {
-                if *shutdown.borrow() {
-                    return Ok(());
-                }
-                let lanes = self.lanes_for(&job);
-                let Ok(permit) = self.cores.clone().try_acquire_many_owned(lanes) else {
-                    return Ok(());
-                };
-                let Some(started) = self.store.start_job(job.id, &self.config.node, now_micros()).await? else {
-                    continue; // no longer queued
-                };
-                self.metrics.cores_in_use.inc_by(i64::from(lanes));
-                let lease =
-                    CoreLease { _permit: permit, cores: lanes, wake: self.wake.clone(), metrics: self.metrics.clone() };
-                let control = Arc::new(JobControl::new());
-                self.running.lock().unwrap_or_else(|p| p.into_inner()).insert(job.id, control.clone());
-                self.events.publish(JobEvent { id: job.id, status: JobStatus::Running, progress: None });
-                let this = self.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("squared-job".into())
-                    .spawn(move || this.drive(started, lanes as usize, lease, control));
-                if let Err(e) = spawned {
-                    error!(job = %job.id, error = %e, "could not start a job driver thread");
-                }
-            }
-            if !full_batch {
-                return Ok(());
-            }
-        }
-    }
-
-    /// Runs one started job to its end (on a driver thread of its own).
-    fn drive(&self, job: StartedJob, lanes: usize, lease: CoreLease, control: Arc<JobControl>) {
-        let started = Instant::now();
-        let limit = match (job.timeout_ms.map(Duration::from_millis), self.config.max_job_duration) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        if let Some(limit) = limit {
-            let control = control.clone();
-            self.runtime.spawn(async move {
-                let mut done = control.done.subscribe();
-                tokio::select! {
-                    _ = tokio::time::sleep(limit) => { control.abort(Abort::Timeout); }
-                    _ = done.wait_for(|d| *d) => {}
-                }
-            });
-        }
-        let kind = match (job.strategy, job.transport) {
-            (Strategy::Processes, transport) => LaneKind::Process(transport.unwrap_or(Transport::SharedMemory)),
-            _ => LaneKind::Thread,
-        };
-        let run = JobRun {
-            scheduler: self,
-            job: &job,
-            control: &control,
-            started,
-            kind,
-            queue: Mutex::new(job.chunks.iter().copied().collect()),
-            failure: Mutex::new(None),
-            attempts: Mutex::new(job.attempts),
-            spawn: Mutex::new(Duration::ZERO),
-        };
-        let lanes = lanes.min(job.chunks.len()).max(1);
-        std::thread::scope(|scope| {
-            for index in 0..lanes {
-                let run = &run;
-                let spawned = std::thread::Builder::new()
-                    .name(format!("squared-lane-{index}"))
-                    .spawn_scoped(scope, move || run.lane(index));
-                if let Err(e) = spawned {
-                    run.fail(ExecError::Spawn(e));
-                }
-            }
-        });
-        let failure = run.failure.into_inner().unwrap_or_else(|p| p.into_inner());
-        let spawn_ms = run.spawn.into_inner().unwrap_or_default().as_secs_f64() * 1000.0;
-        let wall_ms = started.elapsed().as_secs_f64() * 1000.0;
-        let status = self.conclude(&job, control.reason(), failure, wall_ms, spawn_ms);
-        self.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&job.id);
-        drop(lease);
-        control.done.send_replace(true);
-        self.events.publish(JobEvent { id: job.id, status, progress: None });
-    }
-
-    /// Records how a job's run ended; returns the status it is left in.
-    fn conclude(
-        &self,
-        job: &StartedJob,
-        abort: Option<Abort>,
-        failure: Option<ExecError>,
-        wall_ms: f64,
-        spawn_ms: f64,
-    ) -> JobStatus {
-        let (status, error) = match (abort, failure) {
-            (Some(Abort::Shutdown), _) => {
-                match self.runtime.block_on(self.store.requeue_job(job.id)) {
-                    Ok(_) => info!(job = %job.id, "job stopped by shutdown and re-queued"),
-                    Err(e) => error!(job = %job.id, error = %e, "could not re-queue; it runs again after a restart"),
-                }
-                return JobStatus::Queued;
-            }
-            // The API already stored the cancel; nothing more to record.
-            (Some(Abort::Canceled), _) => {
-                self.count_finished(job, JobStatus::Canceled, wall_ms);
-                info!(job = %job.id, wall_ms, "job canceled");
-                return JobStatus::Canceled;
-            }
-            (Some(Abort::Timeout), _) => (JobStatus::Failed, Some(timeout_problem(job, wall_ms))),
-            (None, Some(ExecError::Canceled)) => {
-                // Canceled elsewhere (the store refused our segments).
-                return JobStatus::Canceled;
-            }
-            (None, Some(e)) => (JobStatus::Failed, Some(problem_for(&e))),
-            (None, None) => (JobStatus::Succeeded, None),
-        };
-        let finish = Finish { status, finished_at: now_micros(), wall_ms, spawn_ms, error };
-        match self.runtime.block_on(self.store.finish_job(job.id, &finish)) {
-            Ok(true) => {
-                self.count_finished(job, status, wall_ms);
-                info!(job = %job.id, status = status.as_str(), wall_ms, error = ?finish.error.map(|e| e.detail), "job finished");
-                status
-            }
-            Ok(false) => {
-                info!(job = %job.id, "job ended elsewhere before its run finished");
-                self.runtime.block_on(self.store.status(job.id)).ok().flatten().unwrap_or(JobStatus::Canceled)
-            }
-            Err(e) => {
-                error!(job = %job.id, error = %e, "could not record the end of a job; it runs again after a restart");
-                JobStatus::Running
-            }
-        }
-    }
-
-    fn count_finished(&self, job: &StartedJob, status: JobStatus, wall_ms: f64) {
+    fn count_finished(&self, job: &ClaimedJob, status: JobStatus, wall_ms: f64) {
         let strategy = job.strategy.as_str();
         let labels = FinishedLabels { status: status.as_str().into(), strategy: strategy.into() };
         self.metrics.jobs_finished.get_or_create(&labels).inc();
         self.metrics.job_wall_seconds.get_or_create(&Metrics::strategy(strategy)).observe(wall_ms / 1000.0);
     }
+
+    /// A lane: starts a worker, then runs chunks of one job until none are left.
+    fn run_lane(&self, local: Arc<LocalJob>, permit: OwnedSemaphorePermit) {
+        let lane = LaneRun { s: self, local: &local };
+        lane.run();
+        drop(permit);
+        self.metrics.cores_in_use.dec();
+        self.lane_gone(&local);
+        self.wake();
+    }
+}
+
+/// A handle to a local job's control that keeps the job alive.
+pub struct ControlHandle(Arc<LocalJob>);
+
+impl std::ops::Deref for ControlHandle {
+    type Target = JobControl;
+    fn deref(&self) -> &JobControl {
+        &self.0.control
+    }
 }
 
 /// The problem a timed-out job carries.
-fn timeout_problem(job: &StartedJob, wall_ms: f64) -> Problem {
+fn timeout_problem(job: &ClaimedJob, wall_ms: f64) -> Problem {
     let detail = match job.timeout_ms {
         Some(ms) => format!("the job ran {wall_ms:.0} ms; its timeout_ms is {ms} (or the server's --max-job-duration)"),
         None => format!("the job ran {wall_ms:.0} ms, over the server's --max-job-duration"),
@@ -439,142 +466,178 @@ fn problem_for(e: &ExecError) -> Problem {
     Problem { kind: kind.into(), title: title.into(), status: 500, detail: Some(detail), errors: vec![] }
 }
 
-/// The state one job's lanes share while it runs.
-struct JobRun<'a> {
-    scheduler: &'a Scheduler,
-    job: &'a StartedJob,
-    control: &'a JobControl,
-    started: Instant,
-    kind: LaneKind,
-    queue: Mutex<VecDeque<ChunkPlan>>,
-    /// The first failure; it is the job's error.
-    failure: Mutex<Option<ExecError>>,
-    /// Attempts made so far; guards the retry decision.
-    attempts: Mutex<u32>,
-    /// Worker start-up time, summed over lanes.
-    spawn: Mutex<Duration>,
+/// One lane's run over one job's chunks.
+struct LaneRun<'a> {
+    s: &'a Scheduler,
+    local: &'a LocalJob,
 }
 
-impl JobRun<'_> {
-    /// Fails the job: the first failure is kept, every lane stops.
-    fn fail(&self, e: ExecError) {
-        let mut failure = self.failure.lock().unwrap_or_else(|p| p.into_inner());
-        failure.get_or_insert(e);
-        drop(failure);
-        self.control.halt();
+impl LaneRun<'_> {
+    fn job(&self) -> &ClaimedJob {
+        &self.local.job
     }
 
-    fn stopped(&self) -> bool {
-        self.control.stop.load(Ordering::SeqCst)
+    fn control(&self) -> &JobControl {
+        &self.local.control
     }
 
+    fn kind(&self) -> LaneKind {
+        match (self.job().strategy, self.job().transport) {
+            (Strategy::Processes, transport) => LaneKind::Process(transport.unwrap_or(Transport::SharedMemory)),
+            _ => LaneKind::Thread,
+        }
+    }
+
+    /// The next chunk: one already claimed for this job here, or a new claim.
     fn next_chunk(&self) -> Option<ChunkPlan> {
-        if self.stopped() {
+        if self.control().stopped() {
             return None;
         }
-        self.queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front()
+        if let Some(chunk) = self.local.queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front() {
+            return Some(chunk);
+        }
+        let s = self.s;
+        match s.runtime.block_on(s.store.claim_next(self.job().id, &s.config.node, s.lease_until(), now_micros())) {
+            Ok(chunk) => chunk,
+            Err(e) => {
+                warn!(job = %self.job().id, error = %e, "could not claim the next chunk; leaving it to the claim loop");
+                None
+            }
+        }
     }
 
-    fn start_lane(&self, index: usize) -> Result<Box<dyn Lane>, ExecError> {
-        let lane = exec::start_lane(self.kind, index, &self.scheduler.config.worker)?;
+    fn start_worker(&self, index: usize) -> Result<Box<dyn Lane>, ExecError> {
+        let lane = exec::start_lane(self.kind(), index, &self.s.config.worker)?;
         if let Some(pid) = lane.pid() {
-            self.scheduler.metrics.workers_spawned.inc();
-            self.control.register(pid);
+            self.s.metrics.workers_spawned.inc();
+            self.control().register(pid);
         }
-        *self.spawn.lock().unwrap_or_else(|p| p.into_inner()) += lane.spawn_time();
         Ok(lane)
     }
 
     fn retire(&self, lane: Box<dyn Lane>) {
         if let Some(pid) = lane.pid() {
-            self.control.unregister(pid);
+            self.control().unregister(pid);
         }
         drop(lane); // reaps a worker process
     }
 
-    /// After a worker crash: whether attempts remain. If so the crash is
+    /// Ends the job as failed with `e` (the first ending wins) and stops its lanes here.
+    fn fail(&self, e: &ExecError) {
+        let s = self.s;
+        let job = self.job();
+        match s.runtime.block_on(s.store.fail_job(job.id, &problem_for(e), now_micros())) {
+            Ok(true) => {
+                let wall_ms = (now_micros() - job.started_at) as f64 / 1000.0;
+                s.count_finished(job, JobStatus::Failed, wall_ms);
+                info!(job = %job.id, error = %e, "job failed");
+                s.events.publish(JobEvent { id: job.id, status: JobStatus::Failed, progress: None });
+            }
+            Ok(false) => {}
+            Err(store) => error!(job = %job.id, error = %store, failure = %e, "could not record a job's failure"),
+        }
+        self.control().halt();
+    }
+
+    /// After a worker crash: whether an attempt remains. If so the crash is
     /// recorded as a failed attempt and the caller retries after the returned delay.
     fn retry_after(&self, e: &ExecError) -> Option<Duration> {
-        let mut attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
-        if *attempts >= self.job.max_attempts || self.stopped() {
+        let _one_at_a_time = self.local.retry.lock().unwrap_or_else(|p| p.into_inner());
+        if self.control().stopped() {
             return None;
         }
-        let s = self.scheduler;
-        match s.runtime.block_on(s.store.record_attempt_error(self.job.id, &problem_for(e), now_micros())) {
-            Ok(Some(n)) => *attempts = n,
-            Ok(None) | Err(_) => return None,
-        }
-        warn!(job = %self.job.id, attempt = *attempts, error = %e, "worker crashed; retrying its chunk");
-        let exp = (*attempts).saturating_sub(2).min(16);
+        let s = self.s;
+        let attempts =
+            s.runtime.block_on(s.store.record_attempt_error(self.job().id, &problem_for(e), now_micros())).ok()??;
+        warn!(job = %self.job().id, attempt = attempts, error = %e, "worker crashed; retrying its chunk");
+        let exp = attempts.saturating_sub(2).min(16);
         Some((RETRY_BASE * 2u32.pow(exp)).min(RETRY_MAX))
     }
 
     /// Sleeps for a retry delay, waking early if the job stops.
     fn backoff(&self, delay: Duration) {
         let until = Instant::now() + delay;
-        while Instant::now() < until && !self.stopped() {
+        while Instant::now() < until && !self.control().stopped() {
             std::thread::sleep(Duration::from_millis(10).min(until - Instant::now()));
         }
     }
 
-    /// One lane: start a worker, then run chunks until none are left.
-    fn lane(&self, index: usize) {
-        let s = self.scheduler;
-        let mut lane = match self.start_lane(index) {
-            Ok(lane) => lane,
-            Err(e) => return self.fail(e),
+    fn run(&self) {
+        let s = self.s;
+        let job = self.job();
+        let index = self.local.next_lane.fetch_add(1, Ordering::SeqCst);
+        let Some(mut chunk) = self.next_chunk() else { return };
+        let mut worker = match self.start_worker(index) {
+            Ok(worker) => worker,
+            Err(e) => return self.fail(&e),
         };
-        let mut inputs = StoreInputs { s, job: self.job.id, cached: None };
-        let strategy = Metrics::strategy(self.job.strategy.as_str());
-        while let Some(chunk) = self.next_chunk() {
-            let chunk_start = self.started.elapsed();
-            let mut sink = StoreSink { s, job: self.job.id, spent: Duration::ZERO };
-            let work =
-                ChunkWork { offset: chunk.offset, len: chunk.len, range: self.job.range, simulate: self.job.simulate };
-            let outcome = match lane.run_chunk(&work, &mut inputs, &mut sink, &self.control.stop) {
+        let mut spawn = worker.spawn_time();
+        let mut inputs = StoreInputs { s, job: job.id, cached: None };
+        let strategy = Metrics::strategy(job.strategy.as_str());
+        loop {
+            let chunk_start = now_micros();
+            let started = Instant::now();
+            let mut sink = StoreSink { s, job: job.id, chunk: chunk.index, spent: Duration::ZERO };
+            let work = ChunkWork { offset: chunk.offset, len: chunk.len, range: job.range, simulate: job.simulate };
+            let outcome = match worker.run_chunk(&work, &mut inputs, &mut sink, &self.control().stop) {
                 Ok(outcome) => outcome,
-                Err(_) if self.control.reason().is_some() => break,
+                Err(_) if self.control().reason().is_some() => break,
+                Err(ExecError::Canceled) => break, // the job ended or the chunk is no longer ours
                 Err(e @ ExecError::WorkerCrashed(_)) => {
                     s.metrics.worker_crashes.inc();
                     let Some(delay) = self.retry_after(&e) else {
-                        self.fail(e);
+                        self.fail(&e);
                         break;
                     };
-                    self.queue.lock().unwrap_or_else(|p| p.into_inner()).push_front(chunk);
-                    self.retire(lane);
+                    self.retire(worker);
                     self.backoff(delay);
-                    lane = match self.start_lane(index) {
-                        Ok(lane) => lane,
-                        Err(e) => return self.fail(e),
+                    worker = match self.start_worker(index) {
+                        Ok(worker) => worker,
+                        Err(e) => return self.fail(&e),
                     };
-                    continue;
+                    spawn += worker.spawn_time();
+                    continue; // the same chunk, still ours
                 }
                 Err(e) => {
-                    self.fail(e);
+                    self.fail(&e);
                     break;
                 }
             };
-            let duration = self.started.elapsed() - chunk_start;
+            let duration = started.elapsed();
             s.metrics.chunk_seconds.get_or_create(&strategy).observe(duration.as_secs_f64());
             let record = ChunkRecord {
-                worker: lane.worker(),
+                worker: worker.worker(),
                 node: s.config.node.clone(),
-                start_ms: chunk_start.as_secs_f64() * 1000.0,
+                start_ms: (chunk_start - job.started_at) as f64 / 1000.0,
                 duration_ms: duration.as_secs_f64() * 1000.0,
+                spawn_ms: std::mem::take(&mut spawn).as_secs_f64() * 1000.0,
                 compute_ms: outcome.compute.as_secs_f64() * 1000.0,
                 store_ms: sink.spent.as_secs_f64() * 1000.0,
             };
-            match s.runtime.block_on(s.store.complete_chunk(self.job.id, &chunk, &record)) {
-                Ok(progress) => {
-                    s.events.publish(JobEvent { id: self.job.id, status: JobStatus::Running, progress: Some(progress) })
+            match s.runtime.block_on(s.store.complete_chunk(job.id, &chunk, &record, now_micros())) {
+                Ok(Some(done)) => {
+                    let status = match done.finished_wall_ms {
+                        Some(wall_ms) => {
+                            s.count_finished(job, JobStatus::Succeeded, wall_ms);
+                            info!(job = %job.id, wall_ms, "job succeeded");
+                            JobStatus::Succeeded
+                        }
+                        None => JobStatus::Running,
+                    };
+                    s.events.publish(JobEvent { id: job.id, status, progress: Some(done.progress) });
                 }
+                Ok(None) => {} // the chunk was taken from us (the job ended, or our lease lapsed)
                 Err(e) => {
-                    self.fail(ExecError::Store(e.to_string()));
+                    self.fail(&ExecError::Store(e.to_string()));
                     break;
                 }
             }
+            match self.next_chunk() {
+                Some(next) => chunk = next,
+                None => break,
+            }
         }
-        self.retire(lane);
+        self.retire(worker);
     }
 }
 
@@ -582,17 +645,19 @@ impl JobRun<'_> {
 struct StoreSink<'a> {
     s: &'a Scheduler,
     job: Uuid,
+    chunk: u32,
     spent: Duration,
 }
 
 impl Sink for StoreSink<'_> {
     fn segment(&mut self, offset: u64, squares: &[i64]) -> Result<(), ExecError> {
         let t = Instant::now();
-        let result = self.s.runtime.block_on(self.s.store.put_segment(self.job, offset, squares));
+        let s = self.s;
+        let result = s.runtime.block_on(s.store.put_segment(self.job, self.chunk, &s.config.node, offset, squares));
         self.spent += t.elapsed();
         match result {
             Ok(true) => Ok(()),
-            // The job is no longer running (canceled): stop quietly.
+            // The chunk is no longer ours (the job ended, or the lease lapsed): stop quietly.
             Ok(false) => Err(ExecError::Canceled),
             Err(e) => Err(ExecError::Store(e.to_string())),
         }

@@ -11,12 +11,14 @@ use tracing::info;
 
 use crate::api::{self, AppState};
 use crate::config::ServeArgs;
+use crate::domain::JobStatus;
 use crate::domain::Limits;
 use crate::events::Events;
+use crate::events::JobEvent;
 use crate::exec::WorkerCommand;
 use crate::metrics::Metrics;
 use crate::scheduler::{Scheduler, SchedulerConfig};
-use crate::store::Store;
+use crate::store::{Dialect, PgStore, Store, JOBS_CHANNEL, WORK_CHANNEL};
 
 /// This machine's host name, for default node names.
 fn hostname() -> String {
@@ -35,13 +37,19 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         args.max_cores.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32)).max(1);
     let store =
         Store::open(&args.database, 8).await.with_context(|| format!("opening the database {}", args.database))?;
-    let recovered = store.recover().await.context("recovering interrupted jobs")?;
-    if recovered > 0 {
-        info!(jobs = recovered, "re-queued jobs that were running when the server stopped");
-    }
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr()?;
     let node = args.node_name.clone().unwrap_or_else(|| format!("{}:{}", hostname(), addr.port()));
+    // Chunks this node (or, on SQLite, the only node) was running when it
+    // stopped: released now, so their jobs run again at once.
+    let owner = match store.dialect() {
+        Dialect::Sqlite => None,
+        Dialect::Postgres => Some(node.as_str()),
+    };
+    let released = store.release_chunks(owner).await.context("releasing chunks of an earlier run")?;
+    if released > 0 {
+        info!(chunks = released, "re-queued work that was running when the server stopped");
+    }
     let worker = match &args.worker_exe {
         Some(exe) => WorkerCommand { exe: exe.clone() },
         None => WorkerCommand::current_exe().context("finding the squared executable for workers")?,
@@ -53,13 +61,19 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         store.clone(),
         events.clone(),
         metrics.clone(),
-        SchedulerConfig { node: node.clone(), cores, worker, max_job_duration: args.max_job_duration },
+        SchedulerConfig {
+            node: node.clone(),
+            cores,
+            worker,
+            max_job_duration: args.max_job_duration,
+            lease: args.lease,
+        },
     );
     let (stop, stopped) = watch::channel(false);
     let state = AppState {
         store: store.clone(),
         scheduler: scheduler.clone(),
-        events,
+        events: events.clone(),
         metrics,
         limits: Limits {
             default_cores: cores,
@@ -77,7 +91,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
 
     let scheduler_task = tokio::spawn(scheduler.clone().run(stopped.clone()));
-    let retention_task = tokio::spawn(retention(store, args.retention, stopped.clone()));
+    let heartbeat_task = tokio::spawn(scheduler.clone().heartbeat(stopped.clone()));
+    let retention_task = tokio::spawn(retention(store.clone(), args.retention, stopped.clone()));
+    if let Store::Postgres(pg) = &store {
+        tokio::spawn(listen(pg.clone(), scheduler.clone(), events.clone(), stopped.clone()));
+    }
     info!(%addr, %node, cores, database = %args.database, "squared is serving");
     // The one line on stdout: scripts (and the tests) read the address from it.
     println!("squared listening on http://{addr}");
@@ -99,6 +117,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let _ = scheduler_task.await;
     scheduler.shutdown(args.shutdown_grace).await;
     let _ = retention_task.await;
+    let _ = heartbeat_task.await;
     match tokio::time::timeout(std::time::Duration::from_secs(10), http).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => return Err(e).context("serving HTTP"),
@@ -141,6 +160,46 @@ async fn retention(store: Store, keep: std::time::Duration, mut stop: watch::Rec
             _ = tokio::time::sleep(RETENTION_INTERVAL) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
+    }
+}
+
+/// Relays PostgreSQL notifications: new work wakes the scheduler; a job that
+/// ended on another node wakes this node's long-polls and event streams.
+/// Reconnects with backoff; the scheduler's poll covers what is missed meanwhile.
+async fn listen(store: PgStore, scheduler: Arc<Scheduler>, events: Events, mut stop: watch::Receiver<bool>) {
+    let mut backoff = std::time::Duration::from_millis(200);
+    loop {
+        match store.listen().await {
+            Ok(mut listener) => loop {
+                backoff = std::time::Duration::from_millis(200);
+                let received = tokio::select! {
+                    received = listener.recv() => received,
+                    _ = stop.wait_for(|s| *s) => return,
+                };
+                match received {
+                    Ok(note) if note.channel() == WORK_CHANNEL => scheduler.wake(),
+                    Ok(note) if note.channel() == JOBS_CHANNEL => {
+                        let mut parts = note.payload().split(' ');
+                        let id = parts.next().and_then(|id| uuid::Uuid::parse_str(id).ok());
+                        let status = parts.next().and_then(JobStatus::parse);
+                        if let (Some(id), Some(status)) = (id, status) {
+                            events.publish(JobEvent { id, status, progress: None });
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "lost the notification connection; reconnecting");
+                        break;
+                    }
+                }
+            },
+            Err(e) => tracing::warn!(error = %e, "cannot listen for notifications; retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
     }
 }
 

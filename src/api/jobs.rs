@@ -363,14 +363,13 @@ pub async fn cancel_job(State(app): State<AppState>, Path(id): Path<String>) -> 
         }
         Canceled::Now { was_running, strategy } => {
             tracing::info!(job = %id, was_running, "job canceled");
+            let labels =
+                crate::metrics::FinishedLabels { status: "canceled".into(), strategy: strategy.as_str().into() };
+            app.metrics.jobs_finished.get_or_create(&labels).inc();
             if let Some(control) = app.scheduler.control(id) {
                 control.abort(Abort::Canceled);
-                // Answer once the workers are stopped (bounded: never hang a client).
+                // Answer once the workers here are stopped (bounded: never hang a client).
                 let _ = tokio::time::timeout(Duration::from_secs(10), control.finished()).await;
-            } else if !was_running {
-                let labels =
-                    crate::metrics::FinishedLabels { status: "canceled".into(), strategy: strategy.as_str().into() };
-                app.metrics.jobs_finished.get_or_create(&labels).inc();
             }
             app.events.publish(crate::events::JobEvent { id, status: JobStatus::Canceled, progress: None });
         }

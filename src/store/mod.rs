@@ -3,19 +3,31 @@
 //!
 //! The model is built around chunks: each chunk has its own state, its
 //! squares are stored segment by segment as they are computed, and it turns
-//! `done` once all of them are stored. A job that was running when its node
-//! died is put back in the queue and only its chunks that are not `done` run
-//! again.
+//! `done` once all of them are stored. Nodes *claim* chunks (under a lease
+//! their heartbeat extends); a chunk whose node died is released when its
+//! lease expires and re-run by whichever node claims it next, and a chunk that
+//! is `done` is never run again. The node that completes a job's last chunk
+//! ends the job.
+//!
+//! Two backends share one body of SQL ([`sql`]): SQLite (one machine, the
+//! default) and PostgreSQL (several nodes on one database, claiming with
+//! `FOR UPDATE SKIP LOCKED`, woken by LISTEN/NOTIFY).
 
+mod postgres;
+mod sql;
 mod sqlite;
 
 use std::collections::BTreeMap;
 
 use uuid::Uuid;
 
-use crate::domain::{ChunkPlan, JobSpec, JobStatus, Problem, RangeSpec, Simulate, Strategy, Transport};
+use crate::domain::{
+    ChunkPlan, JobDocument, JobSpec, JobStatus, Problem, Progress, RangeSpec, Simulate, Strategy, Transport,
+};
 
-pub use sqlite::Store;
+pub use postgres::PgStore;
+pub use sql::{JOBS_CHANNEL, WORK_CHANNEL};
+pub use sqlite::SqliteStore;
 
 /// Store failures. Details are logged, never sent to clients.
 #[derive(Debug, thiserror::Error)]
@@ -26,11 +38,18 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
-    #[error("unsupported database URL {0:?}: use sqlite://PATH")]
+    #[error("unsupported database URL {0:?}: use sqlite://PATH or postgres://…")]
     UnsupportedUrl(String),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Which SQL dialect a backend speaks, for the few statements that differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
 
 /// A job to insert, with everything the 202 answer promises is stored.
 pub struct NewJob<'a> {
@@ -75,18 +94,9 @@ pub enum Canceled {
     },
 }
 
-/// The head of the queue, as the scheduler sees it.
+/// What a node needs to run chunks of a job.
 #[derive(Debug, Clone)]
-pub struct QueuedJob {
-    pub id: Uuid,
-    pub cores: u32,
-    pub strategy: Strategy,
-    pub chunks_total: u64,
-}
-
-/// A job the scheduler has started, with the chunks it still has to run.
-#[derive(Debug, Clone)]
-pub struct StartedJob {
+pub struct ClaimedJob {
     pub id: Uuid,
     pub count: u64,
     pub cores: u32,
@@ -95,10 +105,17 @@ pub struct StartedJob {
     pub simulate: Simulate,
     pub range: Option<RangeSpec>,
     pub created_at: i64,
+    /// When the job first started (any node), in µs since the epoch.
     pub started_at: i64,
     pub attempts: u32,
     pub max_attempts: u32,
     pub timeout_ms: Option<u64>,
+}
+
+/// Chunks a node claimed, with their job.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub job: ClaimedJob,
     pub chunks: Vec<ChunkPlan>,
 }
 
@@ -109,19 +126,18 @@ pub struct ChunkRecord {
     pub node: String,
     pub start_ms: f64,
     pub duration_ms: f64,
+    /// Starting the worker that ran it, when this chunk was the worker's first.
+    pub spawn_ms: f64,
     pub compute_ms: f64,
     pub store_ms: f64,
 }
 
-/// How a job ended.
-#[derive(Debug, Clone)]
-pub struct Finish {
-    pub status: JobStatus,
-    pub finished_at: i64,
-    /// Measured by the runner with a monotonic clock.
-    pub wall_ms: f64,
-    pub spawn_ms: f64,
-    pub error: Option<Problem>,
+/// What completing a chunk did.
+#[derive(Debug, Clone, Copy)]
+pub struct Completion {
+    pub progress: Progress,
+    /// Set when this was the job's last chunk: the job has succeeded, in this many ms of wall time.
+    pub finished_wall_ms: Option<f64>,
 }
 
 /// A listing request.
@@ -148,4 +164,97 @@ pub enum Deleted {
 pub struct Segment {
     pub pos: u64,
     pub data: Vec<u8>,
+}
+
+/// The store, on whichever backend the database URL names. Cheap to clone.
+#[derive(Clone)]
+pub enum Store {
+    Sqlite(SqliteStore),
+    Postgres(PgStore),
+}
+
+/// Forwards each listed method to the backend.
+macro_rules! delegate {
+    ($( $(#[$doc:meta])* fn $name:ident(&self $(, $arg:ident: $ty:ty)*) -> $ret:ty; )*) => {
+        impl Store {
+            $(
+                $(#[$doc])*
+                pub async fn $name(&self $(, $arg: $ty)*) -> $ret {
+                    match self {
+                        Store::Sqlite(s) => s.$name($($arg),*).await,
+                        Store::Postgres(s) => s.$name($($arg),*).await,
+                    }
+                }
+            )*
+        }
+    };
+}
+
+delegate! {
+    /// Whether the database answers.
+    fn ping(&self) -> StoreResult<()>;
+    /// Stores a new job with its input and chunks, in one transaction; or,
+    /// for a known idempotency key or a full queue, says why not.
+    fn insert_job(&self, job: &NewJob<'_>) -> StoreResult<Inserted>;
+    /// The job document, or `None` for an unknown id.
+    fn job(&self, id: Uuid) -> StoreResult<Option<JobDocument>>;
+    /// A job's status, or `None` for an unknown id.
+    fn status(&self, id: Uuid) -> StoreResult<Option<JobStatus>>;
+    /// A job's status and number count, or `None` for an unknown id.
+    fn status_and_count(&self, id: Uuid) -> StoreResult<Option<(JobStatus, u64)>>;
+    /// A page of jobs, newest first.
+    fn list_jobs(&self, query: &ListQuery) -> StoreResult<Vec<JobDocument>>;
+    /// How many jobs are queued (the whole database).
+    fn queued_count(&self) -> StoreResult<u64>;
+    /// Claims up to `lanes` chunks for `node`, highest priority first, never
+    /// more chunks of one job running at once than its cores.
+    fn claim(&self, node: &str, lanes: u32, lease_until: i64, now: i64) -> StoreResult<Vec<Claim>>;
+    /// Claims one more chunk of a job this node is running, if it may.
+    fn claim_next(&self, id: Uuid, node: &str, lease_until: i64, now: i64) -> StoreResult<Option<ChunkPlan>>;
+    /// Extends the leases of `node`'s chunks; returns which of `local` jobs are no longer running.
+    fn heartbeat(&self, node: &str, lease_until: i64, local: &[Uuid]) -> StoreResult<Vec<Uuid>>;
+    /// Releases running chunks whose lease expired (their node died); returns how many.
+    fn rescue_expired(&self, now: i64) -> StoreResult<u64>;
+    /// Releases the running chunks of `owner` (every owner for `None`); returns how many.
+    fn release_chunks(&self, owner: Option<&str>) -> StoreResult<u64>;
+    /// The stored input segment starting at `pos` (a multiple of the segment length).
+    fn input_segment(&self, id: Uuid, pos: u64) -> StoreResult<Vec<i64>>;
+    /// Stores one result segment while `node` owns the chunk; false once it does not.
+    fn put_segment(&self, id: Uuid, chunk: u32, node: &str, pos: u64, squares: &[i64]) -> StoreResult<bool>;
+    /// Marks a chunk done and, for the last one, ends the job; `None` if `node` no longer owns it.
+    fn complete_chunk(&self, id: Uuid, chunk: &ChunkPlan, record: &ChunkRecord, now: i64) -> StoreResult<Option<Completion>>;
+    /// Ends a job as failed (first ending wins); false if it had already ended.
+    fn fail_job(&self, id: Uuid, problem: &Problem, now: i64) -> StoreResult<bool>;
+    /// Cancels a job that has not ended, dropping any partial result.
+    fn cancel_job(&self, id: Uuid, now: i64, problem: &Problem) -> StoreResult<Canceled>;
+    /// Records a failed attempt of a running job and starts the next; returns
+    /// the new attempt count, or `None` when none remain (or it is not running).
+    fn record_attempt_error(&self, id: Uuid, error: &Problem, now: i64) -> StoreResult<Option<u32>>;
+    /// Result segments overlapping `[from, to)`, in order, bounded in rows and numbers.
+    fn result_segments(&self, id: Uuid, from: u64, to: u64, max_rows: u32, max_numbers: u64) -> StoreResult<Vec<Segment>>;
+    /// Deletes a job that has ended, with its result.
+    fn delete_job(&self, id: Uuid) -> StoreResult<Deleted>;
+    /// Deletes up to `batch` jobs that finished before `cutoff`, and expired idempotency keys.
+    fn purge_finished(&self, cutoff: i64, now: i64, batch: u32) -> StoreResult<u64>;
+}
+
+impl Store {
+    /// Opens the database at `url` (`sqlite://PATH`, created when missing, or
+    /// `postgres://…`) and applies its migrations.
+    pub async fn open(url: &str, pool_size: u32) -> StoreResult<Store> {
+        if url.starts_with("sqlite:") {
+            Ok(Store::Sqlite(SqliteStore::open(url, pool_size).await?))
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Ok(Store::Postgres(PgStore::open(url, pool_size).await?))
+        } else {
+            Err(StoreError::UnsupportedUrl(url.to_string()))
+        }
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        match self {
+            Store::Sqlite(_) => Dialect::Sqlite,
+            Store::Postgres(_) => Dialect::Postgres,
+        }
+    }
 }
