@@ -241,7 +241,7 @@ impl Scheduler {
         if free == 0 {
             return Ok(false);
         }
-        let claims = self.store.claim(&self.config.node, free, self.lease_until(), now_micros()).await?;
+        let claims = self.store.claim(&self.config.node, free, self.lease_until()).await?;
         let started = !claims.is_empty();
         for claim in claims {
             self.start_lanes(claim);
@@ -497,7 +497,7 @@ impl LaneRun<'_> {
             return Some(chunk);
         }
         let s = self.s;
-        match s.runtime.block_on(s.store.claim_next(self.job().id, &s.config.node, s.lease_until(), now_micros())) {
+        match s.runtime.block_on(s.store.claim_next(self.job().id, &s.config.node, s.lease_until())) {
             Ok(chunk) => chunk,
             Err(e) => {
                 warn!(job = %self.job().id, error = %e, "could not claim the next chunk; leaving it to the claim loop");

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use helpers::TestServer;
+use helpers::{Backend, TestServer};
 use serde_json::{json, Value};
 
 const CLIENTS: usize = 64;
@@ -97,7 +97,7 @@ async fn get(client: &reqwest::Client, shared: &Shared, path: &str) -> (u16, Val
 async fn twenty_thousand_tiny_jobs_survive_a_cancel_and_a_restart() {
     let total: usize = std::env::var("SQUARED_LOAD_JOBS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
     let test_started = Instant::now();
-    let mut server = TestServer::start_with(&["--shutdown-grace", "2s"]).await;
+    let mut server = TestServer::start_with(Backend::Sqlite, &["--shutdown-grace", "2s"]).await;
     let shared = Arc::new(Shared {
         base: RwLock::new(server.base.clone()),
         next: AtomicUsize::new(0),

@@ -208,9 +208,9 @@ delegate! {
     fn queued_count(&self) -> StoreResult<u64>;
     /// Claims up to `lanes` chunks for `node`, highest priority first, never
     /// more chunks of one job running at once than its cores.
-    fn claim(&self, node: &str, lanes: u32, lease_until: i64, now: i64) -> StoreResult<Vec<Claim>>;
+    fn claim(&self, node: &str, lanes: u32, lease_until: i64) -> StoreResult<Vec<Claim>>;
     /// Claims one more chunk of a job this node is running, if it may.
-    fn claim_next(&self, id: Uuid, node: &str, lease_until: i64, now: i64) -> StoreResult<Option<ChunkPlan>>;
+    fn claim_next(&self, id: Uuid, node: &str, lease_until: i64) -> StoreResult<Option<ChunkPlan>>;
     /// Extends the leases of `node`'s chunks; returns which of `local` jobs are no longer running.
     fn heartbeat(&self, node: &str, lease_until: i64, local: &[Uuid]) -> StoreResult<Vec<Uuid>>;
     /// Releases running chunks whose lease expired (their node died); returns how many.

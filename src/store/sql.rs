@@ -297,7 +297,7 @@ macro_rules! sql_store {
                 Ok(n as u64)
             }
 
-            pub async fn claim(&self, node: &str, lanes: u32, lease_until: i64, now: i64) -> StoreResult<Vec<Claim>> {
+            pub async fn claim(&self, node: &str, lanes: u32, lease_until: i64) -> StoreResult<Vec<Claim>> {
                 let candidates: Vec<String> = sqlx::query_scalar(
                     "SELECT id FROM jobs WHERE chunks_ready > 0 AND status IN ('queued', 'running') \
                      ORDER BY priority DESC, created_at, id LIMIT $1",
@@ -311,7 +311,8 @@ macro_rules! sql_store {
                     if free == 0 {
                         break;
                     }
-                    if let Some(claim) = self.claim_job(parse_uuid(&id)?, node, free, lease_until, now).await? {
+                    let id = parse_uuid(&id)?;
+                    if let Some(claim) = self.claim_job(id, node, free, lease_until, true).await? {
                         free -= claim.chunks.len() as u32;
                         claims.push(claim);
                     }
@@ -324,24 +325,29 @@ macro_rules! sql_store {
                 id: Uuid,
                 node: &str,
                 lease_until: i64,
-                now: i64,
             ) -> StoreResult<Option<ChunkPlan>> {
-                Ok(self.claim_job(id, node, 1, lease_until, now).await?.and_then(|c| c.chunks.into_iter().next()))
+                let claim = self.claim_job(id, node, 1, lease_until, false).await?;
+                Ok(claim.and_then(|c| c.chunks.into_iter().next()))
             }
 
             /// Claims up to `max` chunks of one job in one transaction, with the
-            /// job's row locked (PostgreSQL skips a job another node is claiming).
+            /// job's row locked. With `skip_locked` (the claim loop's scan),
+            /// PostgreSQL skips a job another claim holds instead of waiting.
             async fn claim_job(
                 &self,
                 id: Uuid,
                 node: &str,
                 max: u32,
                 lease_until: i64,
-                now: i64,
+                skip_locked: bool,
             ) -> StoreResult<Option<Claim>> {
                 let id_text = id.to_string();
                 let mut tx = self.writer.begin().await?;
-                let lock = if Self::DIALECT == Dialect::Postgres { " FOR UPDATE SKIP LOCKED" } else { "" };
+                let lock = match (Self::DIALECT, skip_locked) {
+                    (Dialect::Sqlite, _) => "",
+                    (Dialect::Postgres, true) => " FOR UPDATE SKIP LOCKED",
+                    (Dialect::Postgres, false) => " FOR UPDATE",
+                };
                 let row = sqlx::query(&format!(
                     "SELECT cores, strategy, chunks_ready, chunks_running FROM jobs \
                      WHERE id = $1 AND status IN ('queued', 'running') AND chunks_ready > 0{lock}"
@@ -381,6 +387,9 @@ macro_rules! sql_store {
                     .collect();
                 chunks.sort_by_key(|c| c.index);
                 let got = chunks.len() as i64;
+                // Read the clock only now: the job's insert has committed, so
+                // its start is never before its creation.
+                let now = crate::domain::now_micros();
                 let row = sqlx::query(&format!(
                     "UPDATE jobs SET status = 'running', started_at = COALESCE(started_at, $2), \
                      attempts = CASE WHEN attempts = 0 THEN 1 ELSE attempts END, \

@@ -27,9 +27,8 @@ async fn wait_progress(server: &TestServer, id: &str, chunks: u64) {
     }
 }
 
-#[tokio::test]
-async fn canceling_a_running_processes_job_kills_its_workers_and_frees_its_cores() {
-    let server = TestServer::start().await;
+async fn canceling_a_running_processes_job_kills_its_workers_and_frees_its_cores(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let body = json!({"range": {"start": 0, "end": 100}, "strategy": "processes", "cores": 2, "chunk_size": 1, "simulate": {"sleep_ms": 200}});
     let id = server.submit(&body).await;
     wait_progress(&server, &id, 1).await;
@@ -52,9 +51,8 @@ async fn canceling_a_running_processes_job_kills_its_workers_and_frees_its_cores
     assert_eq!(doc["status"], "canceled", "the cancel stuck: {doc}");
 }
 
-#[tokio::test]
-async fn a_canceled_queued_job_never_starts() {
-    let server = TestServer::start().await;
+async fn a_canceled_queued_job_never_starts(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let blocker =
         server.submit(&json!({"numbers": [1, 2], "cores": 2, "chunk_size": 1, "simulate": {"sleep_ms": 600}})).await;
     let queued = server.submit(&json!({"numbers": [5], "cores": 2})).await;
@@ -70,9 +68,8 @@ async fn a_canceled_queued_job_never_starts() {
     );
 }
 
-#[tokio::test]
-async fn canceling_a_threads_job_stops_it_at_the_next_item() {
-    let server = TestServer::start().await;
+async fn canceling_a_threads_job_stops_it_at_the_next_item(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let id = server
         .submit(&json!({"range": {"start": 0, "end": 50}, "strategy": "threads", "cores": 2, "simulate": {"sleep_ms": 100}}))
         .await;
@@ -86,9 +83,8 @@ async fn canceling_a_threads_job_stops_it_at_the_next_item() {
     assert!(metrics.contains("squared_cores_in_use 0"), "{metrics}");
 }
 
-#[tokio::test]
-async fn a_job_over_its_timeout_fails_with_the_timeout_problem_and_no_workers_left() {
-    let server = TestServer::start_with(&["--max-job-duration", "30s"]).await;
+async fn a_job_over_its_timeout_fails_with_the_timeout_problem_and_no_workers_left(backend: Backend) {
+    let server = TestServer::start_with(backend, &["--max-job-duration", "30s"]).await;
     let body = json!({"range": {"start": 0, "end": 100}, "strategy": "processes", "cores": 2, "simulate": {"sleep_ms": 100}, "timeout_ms": 400});
     let id = server.submit(&body).await;
     let doc = server.wait_end(&id, 30).await;
@@ -100,9 +96,8 @@ async fn a_job_over_its_timeout_fails_with_the_timeout_problem_and_no_workers_le
     assert_eq!(server.get_json(&format!("/v1/jobs/{id}/result")).await.0, 409);
 }
 
-#[tokio::test]
-async fn the_servers_max_job_duration_bounds_every_job() {
-    let server = TestServer::start_with(&["--max-job-duration", "300ms"]).await;
+async fn the_servers_max_job_duration_bounds_every_job(backend: Backend) {
+    let server = TestServer::start_with(backend, &["--max-job-duration", "300ms"]).await;
     let id = server.submit(&json!({"numbers": [1, 2, 3, 4, 5], "cores": 1, "simulate": {"sleep_ms": 200}})).await;
     let doc = server.wait_end(&id, 30).await;
     assert_eq!((doc["status"].as_str(), doc["error"]["type"].as_str()), (Some("failed"), Some("/problems/timeout")));
@@ -110,9 +105,8 @@ async fn the_servers_max_job_duration_bounds_every_job() {
     assert_eq!(server.squares(&quick).await, [49]);
 }
 
-#[tokio::test]
-async fn a_worker_killed_mid_chunk_is_retried_and_the_job_ends_exact() {
-    let server = TestServer::start().await;
+async fn a_worker_killed_mid_chunk_is_retried_and_the_job_ends_exact(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let numbers = Rng::new(5).numbers(24);
     let body = json!({"numbers": numbers, "strategy": "processes", "cores": 2, "chunk_size": 3,
                       "simulate": {"sleep_ms": 60}, "max_attempts": 3});
@@ -132,9 +126,8 @@ async fn a_worker_killed_mid_chunk_is_retried_and_the_job_ends_exact() {
     assert!(eventually(5, || worker_processes(&server).is_empty()).await);
 }
 
-#[tokio::test]
-async fn a_job_that_exhausts_its_attempts_fails_with_the_last_error() {
-    let server = TestServer::start().await;
+async fn a_job_that_exhausts_its_attempts_fails_with_the_last_error(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let body = json!({"range": {"start": 0, "end": 400}, "strategy": "processes", "cores": 1,
                       "simulate": {"sleep_ms": 20}, "max_attempts": 2});
     let id = server.submit(&body).await;
@@ -159,9 +152,8 @@ async fn a_job_that_exhausts_its_attempts_fails_with_the_last_error() {
     assert_eq!(doc["attempt_errors"].as_array().unwrap().len(), 1);
 }
 
-#[tokio::test]
-async fn fifty_concurrent_submissions_with_one_idempotency_key_make_one_job() {
-    let server = TestServer::start().await;
+async fn fifty_concurrent_submissions_with_one_idempotency_key_make_one_job(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let server = &server;
     let body = json!({"numbers": [1, 2, 3], "metadata": {"order": "42"}});
     let posts = (0..50).map(|_| async {
@@ -198,9 +190,8 @@ async fn fifty_concurrent_submissions_with_one_idempotency_key_make_one_job() {
     assert_eq!(problem["type"], "/problems/idempotency-key-reused");
 }
 
-#[tokio::test]
-async fn idempotency_keys_expire_after_their_window() {
-    let server = TestServer::start_with(&["--idempotency-ttl", "300ms"]).await;
+async fn idempotency_keys_expire_after_their_window(backend: Backend) {
+    let server = TestServer::start_with(backend, &["--idempotency-ttl", "300ms"]).await;
     let post = || async {
         let response = server
             .client
@@ -224,9 +215,8 @@ async fn idempotency_keys_expire_after_their_window() {
     assert_ne!(later, first);
 }
 
-#[tokio::test]
-async fn sigterm_during_a_long_job_requeues_it_and_the_next_start_completes_it() {
-    let mut server = TestServer::start_with(&["--shutdown-grace", "200ms"]).await;
+async fn sigterm_during_a_long_job_requeues_it_and_the_next_start_completes_it(backend: Backend) {
+    let mut server = TestServer::start_with(backend, &["--shutdown-grace", "200ms"]).await;
     let numbers = Rng::new(9).numbers(30);
     let body = json!({"numbers": numbers, "strategy": "processes", "cores": 2, "chunk_size": 1, "simulate": {"sleep_ms": 100}});
     let id = server.submit(&body).await;
@@ -243,9 +233,8 @@ async fn sigterm_during_a_long_job_requeues_it_and_the_next_start_completes_it()
     assert!(server.log().contains("re-queued"), "the log says what happened");
 }
 
-#[tokio::test]
-async fn a_job_that_finishes_within_the_grace_period_is_not_interrupted() {
-    let mut server = TestServer::start_with(&["--shutdown-grace", "10s"]).await;
+async fn a_job_that_finishes_within_the_grace_period_is_not_interrupted(backend: Backend) {
+    let mut server = TestServer::start_with(backend, &["--shutdown-grace", "10s"]).await;
     let id = server.submit(&json!({"numbers": [1, 2, 3, 4], "cores": 2, "simulate": {"sleep_ms": 200}})).await;
     wait_progress(&server, &id, 0).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -255,9 +244,8 @@ async fn a_job_that_finishes_within_the_grace_period_is_not_interrupted() {
     assert_eq!(doc["status"], "succeeded", "it finished during the grace period: {doc}");
 }
 
-#[tokio::test]
-async fn retention_deletes_finished_jobs_and_their_results() {
-    let mut server = TestServer::start().await;
+async fn retention_deletes_finished_jobs_and_their_results(backend: Backend) {
+    let mut server = TestServer::start(backend).await;
     let id = server.submit(&json!({"numbers": [1, 2]})).await;
     server.wait_end(&id, 30).await;
     server.terminate();
@@ -271,9 +259,8 @@ async fn retention_deletes_finished_jobs_and_their_results() {
     assert_eq!(server.get_json(&format!("/v1/jobs/{id}")).await.0, 404);
 }
 
-#[tokio::test]
-async fn a_full_queue_answers_429_with_retry_after() {
-    let server = TestServer::start_with(&["--max-queued", "2"]).await;
+async fn a_full_queue_answers_429_with_retry_after(backend: Backend) {
+    let server = TestServer::start_with(backend, &["--max-queued", "2"]).await;
     let blocker =
         server.submit(&json!({"numbers": [1, 2], "cores": 2, "chunk_size": 1, "simulate": {"sleep_ms": 500}})).await;
     wait_progress(&server, &blocker, 0).await;
@@ -289,9 +276,8 @@ async fn a_full_queue_answers_429_with_retry_after() {
     server.wait_end(&blocker, 30).await;
 }
 
-#[tokio::test]
-async fn api_keys_guard_v1_but_not_health() {
-    let server = TestServer::start_with(&["--api-key", "s3cret-one", "--api-key", "s3cret-two"]).await;
+async fn api_keys_guard_v1_but_not_health(backend: Backend) {
+    let server = TestServer::start_with(backend, &["--api-key", "s3cret-one", "--api-key", "s3cret-two"]).await;
     let response = server.post_job(&json!({"numbers": [2]})).await;
     assert_eq!(response.status(), 401);
     assert_eq!(response.headers()["www-authenticate"], "Bearer");
@@ -316,9 +302,8 @@ async fn api_keys_guard_v1_but_not_health() {
     assert!(!server.log().contains("s3cret"), "keys never appear in logs");
 }
 
-#[tokio::test]
-async fn the_api_keys_environment_variable_takes_a_comma_separated_list() {
-    let server = TestServer::start_with_env(&[], &[("SQUARED_API_KEYS", "alpha,beta")]).await;
+async fn the_api_keys_environment_variable_takes_a_comma_separated_list(backend: Backend) {
+    let server = TestServer::start_with_env(backend, &[], &[("SQUARED_API_KEYS", "alpha,beta")]).await;
     assert_eq!(server.client.get(server.url("/v1/jobs")).send().await.unwrap().status(), 401);
     assert_eq!(server.client.get(server.url("/v1/jobs")).bearer_auth("beta").send().await.unwrap().status(), 200);
 }
@@ -359,9 +344,8 @@ async fn read_events(server: &TestServer, id: &str, last_event_id: Option<&str>)
     events
 }
 
-#[tokio::test]
-async fn the_event_stream_follows_a_job_to_its_end_and_reconnects_do_not_miss_it() {
-    let server = TestServer::start().await;
+async fn the_event_stream_follows_a_job_to_its_end_and_reconnects_do_not_miss_it(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let id = server
         .submit(&json!({"numbers": [1, 2, 3, 4], "cores": 2, "chunk_size": 1, "simulate": {"sleep_ms": 150}}))
         .await;
@@ -390,3 +374,22 @@ async fn the_event_stream_follows_a_job_to_its_end_and_reconnects_do_not_miss_it
     let (status, _) = server.get_json("/v1/jobs/0193a5e4-0000-7000-8000-000000000000/events").await;
     assert_eq!(status, 404);
 }
+
+crate::backend_tests!(
+    canceling_a_running_processes_job_kills_its_workers_and_frees_its_cores,
+    a_canceled_queued_job_never_starts,
+    canceling_a_threads_job_stops_it_at_the_next_item,
+    a_job_over_its_timeout_fails_with_the_timeout_problem_and_no_workers_left,
+    the_servers_max_job_duration_bounds_every_job,
+    a_worker_killed_mid_chunk_is_retried_and_the_job_ends_exact,
+    a_job_that_exhausts_its_attempts_fails_with_the_last_error,
+    fifty_concurrent_submissions_with_one_idempotency_key_make_one_job,
+    idempotency_keys_expire_after_their_window,
+    sigterm_during_a_long_job_requeues_it_and_the_next_start_completes_it,
+    a_job_that_finishes_within_the_grace_period_is_not_interrupted,
+    retention_deletes_finished_jobs_and_their_results,
+    a_full_queue_answers_429_with_retry_after,
+    api_keys_guard_v1_but_not_health,
+    the_api_keys_environment_variable_takes_a_comma_separated_list,
+    the_event_stream_follows_a_job_to_its_end_and_reconnects_do_not_miss_it,
+);

@@ -11,6 +11,58 @@ use serde_json::{json, Value};
 
 pub const MAX_ABS: i64 = 3_037_000_499;
 
+/// Which database a test server runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The PostgreSQL server tests create their databases on (trust auth).
+pub fn postgres_admin_url() -> String {
+    std::env::var("SQUARED_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// Runs `sql` on the admin database (blocking; used from sync and async code alike).
+fn admin_sql(sql: String) {
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            use sqlx::Connection;
+            let url = postgres_admin_url();
+            let mut conn = sqlx::PgConnection::connect(&url).await.unwrap_or_else(|e| {
+                panic!("PostgreSQL tests need a server at {url} (set SQUARED_TEST_POSTGRES_URL): {e}")
+            });
+            sqlx::Executor::execute(&mut conn, sql.as_str()).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+        });
+    })
+    .join()
+    .unwrap_or_else(|_| panic!("admin SQL failed"));
+}
+
+/// A fresh PostgreSQL database for one test server; dropped with it.
+struct TestDatabase {
+    name: String,
+    url: String,
+}
+
+impl TestDatabase {
+    fn create(tag: &str) -> Self {
+        let name = format!("squared_test_{}", tag.replace('-', "_"));
+        admin_sql(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+        admin_sql(format!("CREATE DATABASE {name}"));
+        let admin = postgres_admin_url();
+        let base = admin.rsplit_once('/').map_or(admin.as_str(), |(base, _)| base);
+        TestDatabase { url: format!("{base}/{name}"), name }
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        admin_sql(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name));
+    }
+}
+
 /// A running server, its data directory, and a client for it.
 pub struct TestServer {
     child: Option<Child>,
@@ -22,23 +74,25 @@ pub struct TestServer {
     _tempdir: Option<tempfile::TempDir>,
     args: Vec<String>,
     env: Vec<(String, String)>,
+    /// Set for PostgreSQL servers; dropped after the server.
+    database: Option<TestDatabase>,
 }
 
 static NEXT_TAG: AtomicU64 = AtomicU64::new(0);
 
 impl TestServer {
     /// A server with a 2-core budget on a fresh database.
-    pub async fn start() -> TestServer {
-        Self::start_with(&[]).await
+    pub async fn start(backend: Backend) -> TestServer {
+        Self::start_with(backend, &[]).await
     }
 
     /// A server with extra `serve` arguments on a fresh database.
-    pub async fn start_with(args: &[&str]) -> TestServer {
-        Self::start_with_env(args, &[]).await
+    pub async fn start_with(backend: Backend, args: &[&str]) -> TestServer {
+        Self::start_with_env(backend, args, &[]).await
     }
 
     /// A server with extra arguments and environment variables.
-    pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> TestServer {
+    pub async fn start_with_env(backend: Backend, args: &[&str], env: &[(&str, &str)]) -> TestServer {
         let tempdir = tempfile::tempdir().expect("temp dir");
         let dir = tempdir.path().to_path_buf();
         let tag = format!("{}-{}", std::process::id(), NEXT_TAG.fetch_add(1, Ordering::Relaxed));
@@ -51,13 +105,20 @@ impl TestServer {
             _tempdir: Some(tempdir),
             args: args.iter().map(|s| s.to_string()).collect(),
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            database: None,
         };
+        if backend == Backend::Postgres {
+            server.database = Some(TestDatabase::create(&server.tag));
+        }
         server.launch();
         server
     }
 
     pub fn database_url(&self) -> String {
-        format!("sqlite://{}", self.dir.join("squared.db").display())
+        match &self.database {
+            Some(db) => db.url.clone(),
+            None => format!("sqlite://{}", self.dir.join("squared.db").display()),
+        }
     }
 
     pub fn log_path(&self) -> PathBuf {
@@ -183,6 +244,9 @@ impl Drop for TestServer {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // Worker processes die with the server; give the kernel a moment
+        // before the database goes.
+        drop(self.database.take());
         if std::thread::panicking() {
             eprintln!("--- server log ---\n{}", self.log());
         }

@@ -18,9 +18,8 @@ fn with_way(mut body: Value, strategy: &str, transport: Option<&str>) -> Value {
     body
 }
 
-#[tokio::test]
-async fn every_strategy_and_transport_squares_random_numbers_exactly() {
-    let server = TestServer::start().await;
+async fn every_strategy_and_transport_squares_random_numbers_exactly(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let mut rng = Rng::new(7);
     for (strategy, transport) in WAYS {
         for (count, cores, chunk_size) in [(1, 1, None), (37, 3, None), (1000, 2, Some(7)), (70_000, 2, None)] {
@@ -36,9 +35,8 @@ async fn every_strategy_and_transport_squares_random_numbers_exactly() {
     }
 }
 
-#[tokio::test]
-async fn the_extremes_square_to_exact_64_bit_values() {
-    let server = TestServer::start().await;
+async fn the_extremes_square_to_exact_64_bit_values(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let numbers = [MAX_ABS, -MAX_ABS, 0, -1, 1, -2];
     for (strategy, transport) in WAYS {
         let id = server.submit(&with_way(json!({"numbers": numbers, "cores": 2}), strategy, transport)).await;
@@ -47,9 +45,8 @@ async fn the_extremes_square_to_exact_64_bit_values() {
     }
 }
 
-#[tokio::test]
-async fn ranges_with_negative_steps_square_like_python() {
-    let server = TestServer::start().await;
+async fn ranges_with_negative_steps_square_like_python(backend: Backend) {
+    let server = TestServer::start(backend).await;
     for (strategy, transport) in WAYS {
         for (start, end, step) in [(10, -11, -3), (MAX_ABS, MAX_ABS - 100_000, -7), (-5, 6, 1), (0, 200_001, 2)] {
             let id = server.submit(&with_way(range_job(start, end, step), strategy, transport)).await;
@@ -69,9 +66,8 @@ fn python_range(start: i64, end: i64, step: i64) -> Vec<i64> {
     v
 }
 
-#[tokio::test]
-async fn ten_numbers_on_three_cores_split_four_three_three_like_the_seed() {
-    let server = TestServer::start().await;
+async fn ten_numbers_on_three_cores_split_four_three_three_like_the_seed(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let id = server.submit(&json!({"numbers": (1..=10).collect::<Vec<i64>>(), "cores": 3})).await;
     let doc = server.wait_end(&id, 30).await;
     assert_eq!(doc["status"], "succeeded");
@@ -84,9 +80,8 @@ async fn ten_numbers_on_three_cores_split_four_three_three_like_the_seed() {
     assert_eq!(doc["progress"], json!({"chunks_done": 3, "chunks_total": 3, "numbers_done": 10}));
 }
 
-#[tokio::test]
-async fn the_job_document_reports_timing_per_chunk_and_worker() {
-    let server = TestServer::start().await;
+async fn the_job_document_reports_timing_per_chunk_and_worker(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let id = server.submit(&json!({"range": {"start": 0, "end": 5000}, "cores": 4, "strategy": "processes"})).await;
     let doc = server.wait_end(&id, 30).await;
     assert_eq!(doc["status"], "succeeded", "{doc}");
@@ -122,9 +117,8 @@ async fn the_job_document_reports_timing_per_chunk_and_worker() {
     assert!(workers.iter().all(|w| *w == "thread 0" || *w == "thread 1"), "{workers:?}");
 }
 
-#[tokio::test]
-async fn three_hundred_concurrent_tiny_jobs_all_succeed() {
-    let server = TestServer::start().await;
+async fn three_hundred_concurrent_tiny_jobs_all_succeed(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let server = &server;
     let jobs = (0..300).map(|i| async move {
         let strategy = ["sequential", "threads", "processes"][i % 3];
@@ -139,9 +133,8 @@ async fn three_hundred_concurrent_tiny_jobs_all_succeed() {
     futures_util::future::join_all(checks).await;
 }
 
-#[tokio::test]
-async fn a_long_poll_answers_as_soon_as_the_job_ends() {
-    let server = TestServer::start().await;
+async fn a_long_poll_answers_as_soon_as_the_job_ends(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let id = server.submit(&json!({"numbers": [1, 2], "cores": 1, "simulate": {"sleep_ms": 400}})).await;
     let started = Instant::now();
     let (status, doc) = server.get_json(&format!("/v1/jobs/{id}?wait=30")).await;
@@ -158,9 +151,8 @@ async fn a_long_poll_answers_as_soon_as_the_job_ends() {
     assert!(["queued", "running"].contains(&doc["status"].as_str().unwrap()), "{doc}");
 }
 
-#[tokio::test]
-async fn health_answers_while_cpu_heavy_jobs_fill_every_core() {
-    let server = TestServer::start().await;
+async fn health_answers_while_cpu_heavy_jobs_fill_every_core(backend: Backend) {
+    let server = TestServer::start(backend).await;
     for strategy in ["threads", "processes"] {
         let body = json!({"range": {"start": 0, "end": 100}, "cores": 2, "strategy": strategy, "simulate": {"spin": 10_000_000}});
         let id = server.submit(&body).await;
@@ -186,9 +178,8 @@ async fn health_answers_while_cpu_heavy_jobs_fill_every_core() {
     }
 }
 
-#[tokio::test]
-async fn listing_filters_by_status_and_metadata_and_pages_newest_first() {
-    let server = TestServer::start().await;
+async fn listing_filters_by_status_and_metadata_and_pages_newest_first(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let mut ids = Vec::new();
     for i in 0..5 {
         let team = if i % 2 == 0 { "red" } else { "blue" };
@@ -217,9 +208,8 @@ async fn listing_filters_by_status_and_metadata_and_pages_newest_first() {
     assert_eq!(none, json!({"jobs": [], "next_cursor": null}));
 }
 
-#[tokio::test]
-async fn deleting_removes_an_ended_job_and_refuses_a_running_one() {
-    let server = TestServer::start().await;
+async fn deleting_removes_an_ended_job_and_refuses_a_running_one(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let id = server.submit(&json!({"numbers": [4]})).await;
     server.wait_end(&id, 30).await;
     let response = server.client.delete(server.url(&format!("/v1/jobs/{id}"))).send().await.unwrap();
@@ -233,3 +223,16 @@ async fn deleting_removes_an_ended_job_and_refuses_a_running_one() {
     assert_eq!(response.headers()["content-type"], "application/problem+json");
     assert_eq!(server.wait_end(&busy, 30).await["status"], "succeeded");
 }
+
+crate::backend_tests!(
+    every_strategy_and_transport_squares_random_numbers_exactly,
+    the_extremes_square_to_exact_64_bit_values,
+    ranges_with_negative_steps_square_like_python,
+    ten_numbers_on_three_cores_split_four_three_three_like_the_seed,
+    the_job_document_reports_timing_per_chunk_and_worker,
+    three_hundred_concurrent_tiny_jobs_all_succeed,
+    a_long_poll_answers_as_soon_as_the_job_ends,
+    health_answers_while_cpu_heavy_jobs_fill_every_core,
+    listing_filters_by_status_and_metadata_and_pages_newest_first,
+    deleting_removes_an_ended_job_and_refuses_a_running_one,
+);

@@ -11,9 +11,8 @@ fn worker_processes(server: &TestServer) -> Vec<(u32, char, String)> {
     server.tagged_processes().into_iter().filter(|(_, _, cmd)| cmd.contains(" worker")).collect()
 }
 
-#[tokio::test]
-async fn a_restart_keeps_every_job_and_result() {
-    let mut server = TestServer::start().await;
+async fn a_restart_keeps_every_job_and_result(backend: Backend) {
+    let mut server = TestServer::start(backend).await;
     let numbers: Vec<i64> = Rng::new(3).numbers(5000);
     let done = server.submit(&json!({"numbers": numbers, "strategy": "processes", "cores": 2})).await;
     assert_eq!(server.squares(&done).await, squares_of(&numbers));
@@ -26,9 +25,8 @@ async fn a_restart_keeps_every_job_and_result() {
     assert_eq!(server.squares(&done).await, squares_of(&numbers));
 }
 
-#[tokio::test]
-async fn kill_9_during_a_processes_job_then_restart_completes_it_exactly_with_no_worker_left() {
-    let mut server = TestServer::start().await;
+async fn kill_9_during_a_processes_job_then_restart_completes_it_exactly_with_no_worker_left(backend: Backend) {
+    let mut server = TestServer::start(backend).await;
     let numbers: Vec<i64> = Rng::new(11).numbers(40);
     // 40 one-number chunks sleeping 100 ms each on 2 workers: about 2 s of work.
     let body = json!({"numbers": numbers, "strategy": "processes", "cores": 2, "chunk_size": 1, "simulate": {"sleep_ms": 100}});
@@ -66,9 +64,8 @@ async fn kill_9_during_a_processes_job_then_restart_completes_it_exactly_with_no
     assert!(eventually(5, || worker_processes(&server).is_empty()).await, "workers are gone after the job");
 }
 
-#[tokio::test]
-async fn a_worker_killed_mid_job_fails_the_job_naming_the_signal_and_leaves_no_zombie() {
-    let server = TestServer::start().await;
+async fn a_worker_killed_mid_job_fails_the_job_naming_the_signal_and_leaves_no_zombie(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let body =
         json!({"range": {"start": 0, "end": 40}, "strategy": "processes", "cores": 2, "simulate": {"sleep_ms": 100}});
     let id = server.submit(&body).await;
@@ -94,9 +91,8 @@ async fn a_worker_killed_mid_job_fails_the_job_naming_the_signal_and_leaves_no_z
     assert_eq!(server.squares(&ok).await, [25, 36]);
 }
 
-#[tokio::test]
-async fn service_endpoints_answer() {
-    let server = TestServer::start().await;
+async fn service_endpoints_answer(backend: Backend) {
+    let server = TestServer::start(backend).await;
     assert_eq!(server.get_json("/healthz").await, (200, json!({"status": "ok"})));
     assert_eq!(server.get_json("/readyz").await, (200, json!({"status": "ok"})));
     let id = server.submit(&json!({"numbers": [1, 2, 3], "strategy": "processes"})).await;
@@ -141,3 +137,10 @@ fn the_checked_in_openapi_yaml_matches_the_code() {
         assert!(checked_in.contains(&format!("  {path}\n")), "{path} is described");
     }
 }
+
+crate::backend_tests!(
+    a_restart_keeps_every_job_and_result,
+    kill_9_during_a_processes_job_then_restart_completes_it_exactly_with_no_worker_left,
+    a_worker_killed_mid_job_fails_the_job_naming_the_signal_and_leaves_no_zombie,
+    service_endpoints_answer,
+);

@@ -1,5 +1,10 @@
 //! Integration tests: a real `squared serve` on a real port, a real SQLite
-//! file, real worker subprocesses.
+//! file or a real PostgreSQL database, real worker subprocesses.
+//!
+//! Every test runs against both backends: `backend_tests!` makes a `sqlite`
+//! and a `postgres` test of each. PostgreSQL tests need a server (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`, or `SQUARED_TEST_POSTGRES_URL`);
+//! without one they fail, never skip.
 
 mod hardening;
 mod helpers;
@@ -7,3 +12,26 @@ mod jobs;
 mod lifecycle;
 mod results;
 mod validation;
+
+/// Runs each named `async fn(Backend)` as a test on SQLite and on PostgreSQL.
+#[macro_export]
+macro_rules! backend_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name($crate::helpers::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name($crate::helpers::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}

@@ -10,9 +10,8 @@ fn sum_of_squares_below(n: i128) -> i128 {
     (n - 1) * n * (2 * n - 1) / 6
 }
 
-#[tokio::test]
-async fn a_million_number_range_streams_back_matching_the_sum_of_squares_formula() {
-    let server = TestServer::start().await;
+async fn a_million_number_range_streams_back_matching_the_sum_of_squares_formula(backend: Backend) {
+    let server = TestServer::start(backend).await;
     const N: i64 = 1_000_000;
     for (strategy, transport) in [("threads", None), ("processes", Some("shared_memory")), ("processes", Some("pipe"))]
     {
@@ -65,9 +64,8 @@ async fn a_million_number_range_streams_back_matching_the_sum_of_squares_formula
     }
 }
 
-#[tokio::test]
-async fn pages_cut_across_segments_and_chunks_exactly() {
-    let server = TestServer::start().await;
+async fn pages_cut_across_segments_and_chunks_exactly(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let id =
         server.submit(&json!({"range": {"start": -100_000, "end": 100_000}, "chunk_size": 70_001, "cores": 2})).await;
     assert_eq!(server.wait_end(&id, 120).await["status"], "succeeded");
@@ -90,9 +88,8 @@ async fn pages_cut_across_segments_and_chunks_exactly() {
     assert_eq!(page["squares"], json!([square(199_998), square(199_999)]));
 }
 
-#[tokio::test]
-async fn a_result_before_success_is_a_409_problem() {
-    let server = TestServer::start().await;
+async fn a_result_before_success_is_a_409_problem(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let id = server.submit(&json!({"numbers": [1, 2], "cores": 1, "simulate": {"sleep_ms": 500}})).await;
     let response = server.client.get(server.url(&format!("/v1/jobs/{id}/result"))).send().await.unwrap();
     assert_eq!(response.status(), 409);
@@ -101,3 +98,9 @@ async fn a_result_before_success_is_a_409_problem() {
     assert_eq!(problem["type"], "/problems/job-not-succeeded");
     assert_eq!(server.squares(&id).await, [1, 4]);
 }
+
+crate::backend_tests!(
+    a_million_number_range_streams_back_matching_the_sum_of_squares_formula,
+    pages_cut_across_segments_and_chunks_exactly,
+    a_result_before_success_is_a_409_problem,
+);

@@ -22,9 +22,8 @@ fn fields(problem: &Value) -> Vec<String> {
         .map_or(vec![], |e| e.iter().map(|e| e["field"].as_str().unwrap().to_string()).collect())
 }
 
-#[tokio::test]
-async fn every_validation_error_names_its_field() {
-    let server = TestServer::start_with(&["--max-cores-per-job", "64"]).await;
+async fn every_validation_error_names_its_field(backend: Backend) {
+    let server = TestServer::start_with(backend, &["--max-cores-per-job", "64"]).await;
     let cases: Vec<(Value, &[&str])> = vec![
         (json!({"numbers": [1, 2, 3, 4_000_000_000_i64]}), &["numbers[3]"]),
         (json!({"numbers": [-3037000500_i64, 0, 3037000500_i64]}), &["numbers[0]", "numbers[2]"]),
@@ -78,9 +77,8 @@ async fn every_validation_error_names_its_field() {
     assert_eq!(list["jobs"], json!([]));
 }
 
-#[tokio::test]
-async fn a_bad_number_is_named_with_its_index_and_value() {
-    let server = TestServer::start().await;
+async fn a_bad_number_is_named_with_its_index_and_value(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let (status, _, problem) =
         send_raw(&server, Some("application/json"), br#"{"numbers": [1, 2, 3, 4000000000]}"#.to_vec()).await;
     assert_eq!(status, 422);
@@ -90,9 +88,8 @@ async fn a_bad_number_is_named_with_its_index_and_value() {
     );
 }
 
-#[tokio::test]
-async fn malformed_json_is_400_and_other_media_types_are_415() {
-    let server = TestServer::start().await;
+async fn malformed_json_is_400_and_other_media_types_are_415(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let (status, ct, problem) = send_raw(&server, Some("application/json"), b"{\"numbers\": [1,".to_vec()).await;
     assert_eq!((status, ct.as_str()), (400, "application/problem+json"));
     assert_eq!(problem["type"], "/problems/malformed-json");
@@ -106,9 +103,8 @@ async fn malformed_json_is_400_and_other_media_types_are_415() {
     assert_eq!(status, 202);
 }
 
-#[tokio::test]
-async fn too_many_numbers_or_bytes_is_413() {
-    let server = TestServer::start_with(&["--max-numbers", "100", "--max-body-bytes", "2000"]).await;
+async fn too_many_numbers_or_bytes_is_413(backend: Backend) {
+    let server = TestServer::start_with(backend, &["--max-numbers", "100", "--max-body-bytes", "2000"]).await;
     let (status, ct, problem) =
         send_raw(&server, Some("application/json"), serde_json::to_vec(&range_job(0, 101, 1)).unwrap()).await;
     assert_eq!((status, ct.as_str()), (413, "application/problem+json"));
@@ -126,9 +122,8 @@ async fn too_many_numbers_or_bytes_is_413() {
     assert_eq!(server.submit(&range_job(0, 100, 1)).await.len(), 36);
 }
 
-#[tokio::test]
-async fn too_many_chunks_is_422_on_chunk_size() {
-    let server = TestServer::start_with(&["--max-chunks", "10"]).await;
+async fn too_many_chunks_is_422_on_chunk_size(backend: Backend) {
+    let server = TestServer::start_with(backend, &["--max-chunks", "10"]).await;
     let (status, _, problem) = send_raw(
         &server,
         Some("application/json"),
@@ -139,9 +134,8 @@ async fn too_many_chunks_is_422_on_chunk_size() {
     assert_eq!(fields(&problem), ["chunk_size"]);
 }
 
-#[tokio::test]
-async fn unknown_and_malformed_ids_are_404_and_400() {
-    let server = TestServer::start().await;
+async fn unknown_and_malformed_ids_are_404_and_400(backend: Backend) {
+    let server = TestServer::start(backend).await;
     for path in
         ["/v1/jobs/0193a5e4-0000-7000-8000-000000000000", "/v1/jobs/0193a5e4-0000-7000-8000-000000000000/result"]
     {
@@ -168,11 +162,20 @@ async fn unknown_and_malformed_ids_are_404_and_400() {
     assert_eq!((status, problem["status"].as_u64()), (404, Some(404)));
 }
 
-#[tokio::test]
-async fn options_not_yet_run_by_this_server_are_refused_not_ignored() {
-    let server = TestServer::start().await;
+async fn options_not_yet_run_by_this_server_are_refused_not_ignored(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let response = server.post_job(&json!({"numbers": [1], "callback_url": "https://example.com/hook"})).await;
     assert_eq!(response.status(), 422);
     let problem: Value = response.json().await.unwrap();
     assert_eq!(fields(&problem), ["callback_url"]);
 }
+
+crate::backend_tests!(
+    every_validation_error_names_its_field,
+    a_bad_number_is_named_with_its_index_and_value,
+    malformed_json_is_400_and_other_media_types_are_415,
+    too_many_numbers_or_bytes_is_413,
+    too_many_chunks_is_422_on_chunk_size,
+    unknown_and_malformed_ids_are_404_and_400,
+    options_not_yet_run_by_this_server_are_refused_not_ignored,
+);
