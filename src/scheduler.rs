@@ -28,10 +28,12 @@ use crate::domain::{now_micros, ChunkPlan, JobStatus, Problem, Strategy, Transpo
 use crate::events::{Events, JobEvent};
 use crate::exec::{self, ChunkWork, ExecError, Inputs, Lane, LaneKind, Sink, WorkerCommand};
 use crate::metrics::{FinishedLabels, Metrics};
-use crate::store::{ChunkRecord, Claim, ClaimedJob, Store};
+use crate::store::{ChunkRecord, Claim, ClaimedJob, Store, StoreResult};
 
 /// The fallback poll, for work that arrived without a wake-up.
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a lane keeps retrying a store call through a database outage.
+const STORE_PATIENCE: Duration = Duration::from_secs(600);
 /// First retry delay after a worker crash; doubles per attempt.
 const RETRY_BASE: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(10);
@@ -396,6 +398,31 @@ impl Scheduler {
         }
     }
 
+    /// Runs a store call from a lane, retrying through database outages
+    /// (with backoff, up to `STORE_PATIENCE`) unless the job is stopped.
+    fn db<T, F, Fut>(&self, control: &JobControl, what: &str, mut op: F) -> StoreResult<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = StoreResult<T>>,
+    {
+        let give_up = Instant::now() + STORE_PATIENCE;
+        let mut delay = Duration::from_millis(50);
+        let mut warned = false;
+        loop {
+            match self.runtime.block_on(op()) {
+                Err(e) if e.is_transient() && !control.stopped() && Instant::now() < give_up => {
+                    if !warned {
+                        warn!(error = %e, what, "database unavailable; retrying");
+                        warned = true;
+                    }
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                result => return result,
+            }
+        }
+    }
+
     fn count_finished(&self, job: &ClaimedJob, status: JobStatus, wall_ms: f64) {
         let strategy = job.strategy.as_str();
         let labels = FinishedLabels { status: status.as_str().into(), strategy: strategy.into() };
@@ -497,7 +524,8 @@ impl LaneRun<'_> {
             return Some(chunk);
         }
         let s = self.s;
-        match s.runtime.block_on(s.store.claim_next(self.job().id, &s.config.node, s.lease_until())) {
+        let id = self.job().id;
+        match s.db(self.control(), "claim", || s.store.claim_next(id, &s.config.node, s.lease_until())) {
             Ok(chunk) => chunk,
             Err(e) => {
                 warn!(job = %self.job().id, error = %e, "could not claim the next chunk; leaving it to the claim loop");
@@ -526,7 +554,8 @@ impl LaneRun<'_> {
     fn fail(&self, e: &ExecError) {
         let s = self.s;
         let job = self.job();
-        match s.runtime.block_on(s.store.fail_job(job.id, &problem_for(e), now_micros())) {
+        let problem = problem_for(e);
+        match s.db(self.control(), "fail job", || s.store.fail_job(job.id, &problem, now_micros())) {
             Ok(true) => {
                 let wall_ms = (now_micros() - job.started_at) as f64 / 1000.0;
                 s.count_finished(job, JobStatus::Failed, wall_ms);
@@ -547,8 +576,10 @@ impl LaneRun<'_> {
             return None;
         }
         let s = self.s;
-        let attempts =
-            s.runtime.block_on(s.store.record_attempt_error(self.job().id, &problem_for(e), now_micros())).ok()??;
+        let (id, problem) = (self.job().id, problem_for(e));
+        let attempts = s
+            .db(self.control(), "record attempt", || s.store.record_attempt_error(id, &problem, now_micros()))
+            .ok()??;
         warn!(job = %self.job().id, attempt = attempts, error = %e, "worker crashed; retrying its chunk");
         let exp = attempts.saturating_sub(2).min(16);
         Some((RETRY_BASE * 2u32.pow(exp)).min(RETRY_MAX))
@@ -572,12 +603,13 @@ impl LaneRun<'_> {
             Err(e) => return self.fail(&e),
         };
         let mut spawn = worker.spawn_time();
-        let mut inputs = StoreInputs { s, job: job.id, cached: None };
+        let mut inputs = StoreInputs { s, control: self.control(), job: job.id, cached: None };
         let strategy = Metrics::strategy(job.strategy.as_str());
         loop {
             let chunk_start = now_micros();
             let started = Instant::now();
-            let mut sink = StoreSink { s, job: job.id, chunk: chunk.index, spent: Duration::ZERO };
+            let mut sink =
+                StoreSink { s, control: self.control(), job: job.id, chunk: chunk.index, spent: Duration::ZERO };
             let work = ChunkWork { offset: chunk.offset, len: chunk.len, range: job.range, simulate: job.simulate };
             let outcome = match worker.run_chunk(&work, &mut inputs, &mut sink, &self.control().stop) {
                 Ok(outcome) => outcome,
@@ -614,7 +646,9 @@ impl LaneRun<'_> {
                 compute_ms: outcome.compute.as_secs_f64() * 1000.0,
                 store_ms: sink.spent.as_secs_f64() * 1000.0,
             };
-            match s.runtime.block_on(s.store.complete_chunk(job.id, &chunk, &record, now_micros())) {
+            match s
+                .db(self.control(), "complete chunk", || s.store.complete_chunk(job.id, &chunk, &record, now_micros()))
+            {
                 Ok(Some(done)) => {
                     let status = match done.finished_wall_ms {
                         Some(wall_ms) => {
@@ -644,6 +678,7 @@ impl LaneRun<'_> {
 /// Stores each segment as a lane produces it, timing the writes.
 struct StoreSink<'a> {
     s: &'a Scheduler,
+    control: &'a JobControl,
     job: Uuid,
     chunk: u32,
     spent: Duration,
@@ -653,7 +688,8 @@ impl Sink for StoreSink<'_> {
     fn segment(&mut self, offset: u64, squares: &[i64]) -> Result<(), ExecError> {
         let t = Instant::now();
         let s = self.s;
-        let result = s.runtime.block_on(s.store.put_segment(self.job, self.chunk, &s.config.node, offset, squares));
+        let (job, chunk, node) = (self.job, self.chunk, &s.config.node);
+        let result = s.db(self.control, "store segment", || s.store.put_segment(job, chunk, node, offset, squares));
         self.spent += t.elapsed();
         match result {
             Ok(true) => Ok(()),
@@ -667,6 +703,7 @@ impl Sink for StoreSink<'_> {
 /// Reads a list job's numbers, one stored input segment at a time.
 struct StoreInputs<'a> {
     s: &'a Scheduler,
+    control: &'a JobControl,
     job: Uuid,
     cached: Option<(u64, Vec<i64>)>,
 }
@@ -675,10 +712,9 @@ impl Inputs for StoreInputs<'_> {
     fn numbers(&mut self, offset: u64, len: usize) -> Result<&[i64], ExecError> {
         let segment = offset / SEGMENT_LEN * SEGMENT_LEN;
         if self.cached.as_ref().map(|(pos, _)| *pos) != Some(segment) {
-            let numbers = self
-                .s
-                .runtime
-                .block_on(self.s.store.input_segment(self.job, segment))
+            let (s, job) = (self.s, self.job);
+            let numbers = s
+                .db(self.control, "read input", || s.store.input_segment(job, segment))
                 .map_err(|e| ExecError::Store(e.to_string()))?;
             self.cached = Some((segment, numbers));
         }

@@ -53,11 +53,9 @@ pub enum ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::Database(
-                sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed | sqlx::Error::Tls(_),
-            ) => ApiError::Unavailable(e.to_string()),
-            e => ApiError::Internal(e.to_string()),
+        match e.is_transient() {
+            true => ApiError::Unavailable(e.to_string()),
+            false => ApiError::Internal(e.to_string()),
         }
     }
 }

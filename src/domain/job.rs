@@ -92,6 +92,9 @@ pub struct ChunkTiming {
     /// When the chunk started, in ms after the job started.
     pub start_ms: f64,
     pub duration_ms: f64,
+    /// How many times the chunk was claimed: more than 1 only when a node
+    /// died (or stopped) while running it, before its result was stored.
+    pub runs: u32,
 }
 
 /// Where a job's time went. All in milliseconds.

@@ -270,7 +270,7 @@ macro_rules! sql_store {
 
             async fn chunk_timings(&self, id: Uuid) -> StoreResult<Vec<ChunkTiming>> {
                 let rows = sqlx::query(
-                    "SELECT idx, pos, len, worker, node, start_ms, duration_ms FROM chunks \
+                    "SELECT idx, pos, len, worker, node, start_ms, duration_ms, runs FROM chunks \
                      WHERE job_id = $1 AND state = 'done' ORDER BY idx",
                 )
                 .bind(id.to_string())
@@ -286,6 +286,7 @@ macro_rules! sql_store {
                         node: r.get::<Option<String>, _>("node").unwrap_or_default(),
                         start_ms: round_ms(r.get::<Option<f64>, _>("start_ms").unwrap_or(0.0)),
                         duration_ms: round_ms(r.get::<Option<f64>, _>("duration_ms").unwrap_or(0.0)),
+                        runs: r.get::<i64, _>("runs") as u32,
                     })
                     .collect())
             }

@@ -40,14 +40,14 @@ fn admin_sql(sql: String) {
     .unwrap_or_else(|_| panic!("admin SQL failed"));
 }
 
-/// A fresh PostgreSQL database for one test server; dropped with it.
-struct TestDatabase {
+/// A fresh PostgreSQL database for one test server (or cluster); dropped with it.
+pub struct TestDatabase {
     name: String,
-    url: String,
+    pub url: String,
 }
 
 impl TestDatabase {
-    fn create(tag: &str) -> Self {
+    pub fn create(tag: &str) -> Self {
         let name = format!("squared_test_{}", tag.replace('-', "_"));
         admin_sql(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
         admin_sql(format!("CREATE DATABASE {name}"));
@@ -76,6 +76,8 @@ pub struct TestServer {
     env: Vec<(String, String)>,
     /// Set for PostgreSQL servers; dropped after the server.
     database: Option<TestDatabase>,
+    /// A database shared with other servers (a cluster node).
+    shared_url: Option<String>,
 }
 
 static NEXT_TAG: AtomicU64 = AtomicU64::new(0);
@@ -106,6 +108,7 @@ impl TestServer {
             args: args.iter().map(|s| s.to_string()).collect(),
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             database: None,
+            shared_url: None,
         };
         if backend == Backend::Postgres {
             server.database = Some(TestDatabase::create(&server.tag));
@@ -114,11 +117,36 @@ impl TestServer {
         server
     }
 
+    /// A cluster node: a server on a database other nodes share.
+    pub async fn start_node(database_url: &str, args: &[&str]) -> TestServer {
+        let tempdir = tempfile::tempdir().expect("temp dir");
+        let mut server = TestServer {
+            child: None,
+            base: String::new(),
+            client: reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap(),
+            tag: format!("{}-{}", std::process::id(), NEXT_TAG.fetch_add(1, Ordering::Relaxed)),
+            dir: tempdir.path().to_path_buf(),
+            _tempdir: Some(tempdir),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
+            database: None,
+            shared_url: Some(database_url.to_string()),
+        };
+        server.launch();
+        server
+    }
+
     pub fn database_url(&self) -> String {
-        match &self.database {
-            Some(db) => db.url.clone(),
-            None => format!("sqlite://{}", self.dir.join("squared.db").display()),
+        match (&self.shared_url, &self.database) {
+            (Some(url), _) => url.clone(),
+            (None, Some(db)) => db.url.clone(),
+            (None, None) => format!("sqlite://{}", self.dir.join("squared.db").display()),
         }
+    }
+
+    /// Whether the server process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
     pub fn log_path(&self) -> PathBuf {

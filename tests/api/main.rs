@@ -7,6 +7,7 @@
 //! without one they fail, never skip.
 
 mod hardening;
+#[allow(dead_code)]
 mod helpers;
 mod jobs;
 mod lifecycle;
