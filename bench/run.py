@@ -70,12 +70,24 @@ def percentile(xs, p):
     return s[k]
 
 
+def _digits(x, digits):
+    """At least `digits` decimals, more for small values so 3 significant figures show."""
+    if x and x > 0 and math.isfinite(x):
+        return max(digits, 2 - math.floor(math.log10(x)))
+    return digits
+
+
 def fmt_s(st, digits=3):
     if not st:
         return "—"
+    d = _digits(st["min"], digits)
     if st["n"] == 1:
-        return f"{st['median']:.{digits}f}"
-    return f"{st['median']:.{digits}f} ({st['min']:.{digits}f}–{st['max']:.{digits}f})"
+        return f"{st['median']:.{d}f}"
+    return f"{st['median']:.{d}f} ({st['min']:.{d}f}–{st['max']:.{d}f})"
+
+
+def cores_s(n):
+    return f"{n} core" + ("" if n == 1 else "s")
 
 
 def fmt_ms(st, digits=1):
@@ -167,7 +179,9 @@ class Http:
                 chunked = True
             elif k == b"connection" and b"close" in v.lower():
                 close = True
-        if chunked:
+        if status in (204, 304) or 100 <= status < 200:
+            body = b""
+        elif chunked:
             parts = []
             while True:
                 while b"\r\n" not in self.buf:
@@ -272,6 +286,8 @@ class Server:
     def __init__(self, binary, database=None, max_numbers=None, extra=()):
         self.binary = binary
         self.tmp = tempfile.mkdtemp(prefix="squared-bench-")
+        self._sampling = None
+        self.worker_peak_kb = self.total_peak_kb = 0
         self.database = database or f"sqlite://{self.tmp}/squared.db"
         cmd = [binary, "serve", "--listen", "127.0.0.1:0", "--database", self.database]
         if max_numbers:
@@ -285,7 +301,7 @@ class Server:
         if not line or "listening on http://" not in line:
             err = self.stderr_tail()
             self.stop()
-            raise ServerFailed(f"squared serve did not start ({' '.join(cmd)}): {line!r} {err}")
+            raise ServerFailed(f"squared serve did not start: {err or repr(line)}")
         addr = line.split("http://", 1)[1].strip().rstrip("/")
         self.host, _, port = addr.rpartition(":")
         self.port = int(port)
@@ -310,12 +326,15 @@ class Server:
             pass
 
     def stderr_tail(self, n=600):
+        """The error the server printed, without a Rust backtrace, on one line."""
         try:
             self.errlog.flush()
             with open(os.path.join(self.tmp, "stderr.log"), "rb") as f:
-                return f.read()[-n:].decode(errors="replace").strip()
+                text = f.read().decode(errors="replace")
         except OSError:
             return ""
+        text = text.split("Stack backtrace:")[0].split("stack backtrace:")[0]
+        return " ".join(line.strip() for line in text.splitlines() if line.strip())[-n:]
 
     def conn(self):
         return Http(self.host, self.port)
@@ -628,9 +647,9 @@ def tiny_run(srv, cfg, mode, njobs, strategy, rate=None):
         if st != 200 or json.loads(b)["squares"] != want:
             raise RuntimeError(f"tiny job {r[7]} has a wrong result: {b[:200]!r}")
     conn.close()
-    # Wall time the benchmark phase occupied (client processes' CPU is
-    # counted only inside the phase; start-up is excluded).
-    phase = last - start_at if mode == "closed" else (last - start_at)
+    # The phase runs from the agreed start instant to the last job seen ended
+    # (client CPU is counted from each client function's start, after imports).
+    phase = last - start_at
     out = {
         "strategy": strategy,
         "jobs": njobs,
@@ -814,10 +833,14 @@ def build_report(cfg, env, R):
     m = env["machine"]
     a(f"- Machine: {m['cores']} cores ({m.get('affinity', m['cores'])} usable), {m['cpu']}, {m['mem_gb']:.1f} GiB RAM, Linux {m['kernel']}")
     a(f"- squared: commit {env['commit']}, binary `{env['binary']}`")
+    if env.get("load"):
+        (b1, _, _), (e1, _, _) = env["load"]
+        a(f"- Load average (1 min) before the run {b1:.2f}, after {e1:.2f} (other work on the machine skews every figure)")
     a(f"- Client: Python {platform.python_version()} (stdlib only); server and client share the same cores")
     a(
         f"- Mode: {'--quick' if cfg.quick else 'full'}; big jobs {', '.join(human(n) for n in cfg.sizes)} numbers, "
-        f"{cfg.repeats} repeat(s) (10^8: {cfg.repeats_for(10**8)}); tiny jobs {cfg.tiny_jobs:,}; idle jobs {cfg.idle_jobs}\n"
+        f"{cfg.repeats} repeat(s)" + (f" ({cfg.repeats_for(10**8)} for 10^8)" if 10**8 in cfg.sizes and cfg.repeats_for(10**8) != cfg.repeats else "")
+        + f"; seed process-per-number at N = {cfg.seed_small:,}; tiny jobs {cfg.tiny_jobs:,}; idle jobs {cfg.idle_jobs}\n"
     )
     a("Every figure is the median, with min–max over the repeats in parentheses. "
       "Each case runs on a freshly started server with an empty SQLite database, so peak RSS (VmHWM) is per case.\n")
@@ -868,8 +891,8 @@ def build_report(cfg, env, R):
                 a(f"| {human(n)} | {name} | skipped: {p['skipped']} | | |")
                 continue
             st = {"median": p["median_s"], "min": p["min_s"], "max": p["max_s"], "n": len(p["runs_s"])}
-            ratio = f"{p['median_s'] / sq['median']:.1f}×" if sq else "—"
-            a(f"| {human(n)} | {name} | {fmt_s(st, 4)} | {fmt_s(sq, 4) if sq else '—'} | {ratio} |")
+            ratio = f"{p['median_s'] / sq['median']:.3g}×" if sq else "—"
+            a(f"| {human(n)} | {name} | {fmt_s(st)} | {fmt_s(sq) if sq else '—'} | {ratio} |")
     a("")
 
     # ---- tiny
@@ -903,7 +926,7 @@ def build_report(cfg, env, R):
 
     # ---- idle
     a("## Single-job latency at idle (SQLite)\n")
-    a(f"One client, one 10-number job at a time (`cores` {cfg.tiny_cores}), submit→long-poll answer `succeeded`.\n")
+    a(f"One client on one keep-alive connection, one 10-number job at a time (`cores` {cfg.tiny_cores}), submit→long-poll answer `succeeded`, after 5 warm-up jobs.\n")
     a("| strategy | jobs | p50 ms | p99 ms | max ms |")
     a("|---|---|---|---|---|")
     for i in R["idle"]:
@@ -935,7 +958,7 @@ def build_report(cfg, env, R):
     a("|---|---|---|")
     for c in cells:
         if c["n"] >= 10**7:
-            a(f"| {human(c['n'])} range job, {c['strategy']}, {c['cores']} cores | {c['server_hwm_mb']:.0f} | {c['workers_peak_mb']:.0f} |")
+            a(f"| {human(c['n'])} range job, {c['strategy']}, {cores_s(c['cores'])} | {c['server_hwm_mb']:.0f} | {c['workers_peak_mb']:.0f} |")
     for d in R["downloads"][1::2]:
         a(f"| {human(d['n'])} result downloads (JSON + NDJSON), after the jobs | {d['server_hwm_mb']:.0f} | |")
     for t in R["tiny"]:
@@ -1012,7 +1035,7 @@ def targets(cfg, R):
             continue
         worst = max(cs, key=lambda c: c["server_hwm_mb"])
         lines.append(f"{verdict(worst['server_hwm_mb'] <= cap)}  server peak RSS during {human(n)} jobs: {worst['server_hwm_mb']:.0f} MB at worst "
-                     f"({worst['strategy']}, {worst['cores']} cores; target ≤ {cap} MB)")
+                     f"({worst['strategy']}, {cores_s(worst['cores'])}; target ≤ {cap} MB)")
     per = {c["n"]: c["e2e"]["median"] / c["n"] for c in cells if c["strategy"] == "threads" and c["cores"] == 2}
     if 10**6 in per and len(per) > 1:
         devs = {n: per[n] / per[10**6] - 1 for n in per if n != 10**6}
@@ -1032,10 +1055,10 @@ class Config:
         self.quick = args.quick
         self.sizes = [10**6, 10**7] if args.quick else [10**6, 10**7, 10**8]
         self.repeats = args.repeats or (2 if args.quick else 3)
-        self.repeats_big = args.repeats_1e8 or (1 if args.quick else 2)
+        self.repeats_big = args.repeats_1e8 or self.repeats
         self.cores_list = [1, 2]
         self.seed_sizes = [10**6, 10**7]
-        self.seed_small = args.seed_small or (500 if args.quick else 2000)
+        self.seed_small = args.seed_small or (1000 if args.quick else 5000)
         self.tiny_jobs = args.tiny_jobs or (3000 if args.quick else 10000)
         self.clients = 64
         self.client_procs = args.client_procs
@@ -1060,10 +1083,10 @@ def main():
     ap.add_argument("--out", default=os.path.join(HERE, "BENCHMARKS.md"), help="Markdown report (default bench/BENCHMARKS.md)")
     ap.add_argument("--json", metavar="PATH", help="also write the raw results as JSON")
     ap.add_argument("--repeats", type=int, help="repeats per case (default 3, --quick 2)")
-    ap.add_argument("--repeats-1e8", type=int, help="repeats for 10^8 jobs (default 2)")
+    ap.add_argument("--repeats-1e8", type=int, help="repeats for 10^8 jobs (default: --repeats)")
     ap.add_argument("--tiny-jobs", type=int, help="tiny jobs in the closed-loop run (default 10000, --quick 3000)")
     ap.add_argument("--idle-jobs", type=int, help="jobs for idle latency (default 200, --quick 50)")
-    ap.add_argument("--seed-small", type=int, help="N for the process-per-number seed pattern (default 2000, --quick 500)")
+    ap.add_argument("--seed-small", type=int, help="N for the process-per-number seed pattern (default 5000, --quick 1000)")
     ap.add_argument("--client-procs", type=int, default=4, help="client processes for tiny jobs (64 connections split over them)")
     args = ap.parse_args()
     if not os.access(args.squared, os.X_OK):
@@ -1072,6 +1095,7 @@ def main():
         ap.error("--client-procs must divide 64")
     cfg = Config(args)
     started = time.time()
+    load_before = os.getloadavg()
     commit, _ = git_commit(cfg.binary)
     R = {"notes": []}
 
@@ -1099,6 +1123,20 @@ def main():
         R["postgres"] = bench_postgres(cfg, args.postgres)
 
     R["targets"] = targets(cfg, R)
+    ncores = os.cpu_count() or 1
+    for t in R["tiny"]:
+        c = t["closed"]
+        busy = c["client_cores"] + c["server_cores"]
+        why = (
+            "the client was not the bottleneck"
+            if c["client_cores"] < 0.5 * max(c["server_cores"], 1e-9)
+            else "the client took a large share of the CPU: treat this rate as a lower bound"
+        )
+        idle = f"; {ncores - busy:.2f} of {ncores} cores stayed idle, so the limit is not CPU" if busy < 0.8 * ncores else ""
+        R["notes"].append(
+            f"Tiny jobs, {t['strategy']}: the client used {c['client_cores']:.2f} cores and the server {c['server_cores']:.2f} "
+            f"({c['client_cpu_s'] / max(c['jobs'], 1) * 1e6:.0f} µs of client CPU per job, submit and wait): {why}{idle}."
+        )
     R["notes"] += [
         "The client runs on the same 2 cores as the server, so every client CPU-second is taken from the server; the CPU columns show how much.",
         "Seed patterns: `chunked_array` writes each square into a locked `multiprocessing.Array('q', N)` as the note does; the parent copies it out with one `result[:]` "
@@ -1111,6 +1149,7 @@ def main():
         "duration_s": time.time() - started,
         "command": "python3 bench/run.py " + shlex.join(sys.argv[1:]),
         "machine": machine(),
+        "load": (load_before, os.getloadavg()),
         "commit": commit,
         "binary": cfg.binary,
     }
