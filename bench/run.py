@@ -1080,7 +1080,7 @@ def main():
     ap.add_argument("--squared", required=True, help="path to the squared release binary")
     ap.add_argument("--quick", action="store_true", help="smaller run (no 10^8 job, fewer repeats and jobs): a few minutes")
     ap.add_argument("--postgres", metavar="URL", help="also run the storage-touching cases with --database URL")
-    ap.add_argument("--out", default=os.path.join(HERE, "BENCHMARKS.md"), help="Markdown report (default bench/BENCHMARKS.md)")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "BENCHMARKS.md"), help="Markdown report (default BENCHMARKS.md at the top of the repo)")
     ap.add_argument("--json", metavar="PATH", help="also write the raw results as JSON")
     ap.add_argument("--repeats", type=int, help="repeats per case (default 3, --quick 2)")
     ap.add_argument("--repeats-1e8", type=int, help="repeats for 10^8 jobs (default: --repeats)")
