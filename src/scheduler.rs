@@ -608,8 +608,14 @@ impl LaneRun<'_> {
         loop {
             let chunk_start = now_micros();
             let started = Instant::now();
-            let mut sink =
-                StoreSink { s, control: self.control(), job: job.id, chunk: chunk.index, spent: Duration::ZERO };
+            let mut sink = StoreSink {
+                s,
+                control: self.control(),
+                job: job.id,
+                chunk: chunk.index,
+                spent: Duration::ZERO,
+                held: None,
+            };
             let work = ChunkWork { offset: chunk.offset, len: chunk.len, range: job.range, simulate: job.simulate };
             let outcome = match worker.run_chunk(&work, &mut inputs, &mut sink, &self.control().stop) {
                 Ok(outcome) => outcome,
@@ -646,10 +652,14 @@ impl LaneRun<'_> {
                 compute_ms: outcome.compute.as_secs_f64() * 1000.0,
                 store_ms: sink.spent.as_secs_f64() * 1000.0,
             };
-            match s
-                .db(self.control(), "complete chunk", || s.store.complete_chunk(job.id, &chunk, &record, now_micros()))
-            {
+            let last = sink.held.as_ref().map(|(pos, squares)| (*pos, squares.as_slice()));
+            let completed = s.db(self.control(), "complete chunk", || {
+                s.store.complete_chunk(job.id, &chunk, &record, last, now_micros())
+            });
+            let mut finished = false;
+            match completed {
                 Ok(Some(done)) => {
+                    finished = done.finished_wall_ms.is_some();
                     let status = match done.finished_wall_ms {
                         Some(wall_ms) => {
                             s.count_finished(job, JobStatus::Succeeded, wall_ms);
@@ -666,7 +676,8 @@ impl LaneRun<'_> {
                     break;
                 }
             }
-            match self.next_chunk() {
+            // A finished job has nothing left to claim: skip the round trip.
+            match if finished { None } else { self.next_chunk() } {
                 Some(next) => chunk = next,
                 None => break,
             }
@@ -675,17 +686,21 @@ impl LaneRun<'_> {
     }
 }
 
-/// Stores each segment as a lane produces it, timing the writes.
+/// Stores each segment as a lane produces it, timing the writes. The newest
+/// segment is held back: if it is the chunk's last, it is stored in the same
+/// transaction that marks the chunk done (a one-segment chunk — every tiny
+/// job — costs one write transaction instead of two).
 struct StoreSink<'a> {
     s: &'a Scheduler,
     control: &'a JobControl,
     job: Uuid,
     chunk: u32,
     spent: Duration,
+    held: Option<(u64, Vec<i64>)>,
 }
 
-impl Sink for StoreSink<'_> {
-    fn segment(&mut self, offset: u64, squares: &[i64]) -> Result<(), ExecError> {
+impl StoreSink<'_> {
+    fn write(&mut self, offset: u64, squares: &[i64]) -> Result<(), ExecError> {
         let t = Instant::now();
         let s = self.s;
         let (job, chunk, node) = (self.job, self.chunk, &s.config.node);
@@ -697,6 +712,22 @@ impl Sink for StoreSink<'_> {
             Ok(false) => Err(ExecError::Canceled),
             Err(e) => Err(ExecError::Store(e.to_string())),
         }
+    }
+}
+
+impl Sink for StoreSink<'_> {
+    fn segment(&mut self, offset: u64, squares: &[i64]) -> Result<(), ExecError> {
+        let mut buf = match self.held.take() {
+            Some((pos, held)) => {
+                self.write(pos, &held)?;
+                held
+            }
+            None => Vec::with_capacity(squares.len()),
+        };
+        buf.clear();
+        buf.extend_from_slice(squares);
+        self.held = Some((offset, buf));
+        Ok(())
     }
 }
 

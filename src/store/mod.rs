@@ -244,8 +244,10 @@ delegate! {
     fn input_segment(&self, id: Uuid, pos: u64) -> StoreResult<Vec<i64>>;
     /// Stores one result segment while `node` owns the chunk; false once it does not.
     fn put_segment(&self, id: Uuid, chunk: u32, node: &str, pos: u64, squares: &[i64]) -> StoreResult<bool>;
-    /// Marks a chunk done and, for the last one, ends the job; `None` if `node` no longer owns it.
-    fn complete_chunk(&self, id: Uuid, chunk: &ChunkPlan, record: &ChunkRecord, now: i64) -> StoreResult<Option<Completion>>;
+    /// Stores the chunk's `last` segment (if given), marks the chunk done and,
+    /// for the job's last chunk, ends the job — one transaction; `None` if
+    /// `node` no longer owns the chunk.
+    fn complete_chunk(&self, id: Uuid, chunk: &ChunkPlan, record: &ChunkRecord, last: Option<(u64, &[i64])>, now: i64) -> StoreResult<Option<Completion>>;
     /// Ends a job as failed (first ending wins); false if it had already ended.
     fn fail_job(&self, id: Uuid, problem: &Problem, now: i64) -> StoreResult<bool>;
     /// Cancels a job that has not ended, dropping any partial result.

@@ -546,6 +546,7 @@ macro_rules! sql_store {
                 id: Uuid,
                 chunk: &ChunkPlan,
                 record: &ChunkRecord,
+                last: Option<(u64, &[i64])>,
                 now: i64,
             ) -> StoreResult<Option<Completion>> {
                 let id_text = id.to_string();
@@ -569,6 +570,18 @@ macro_rules! sql_store {
                 .rows_affected();
                 if updated == 0 {
                     return Ok(None); // no longer ours: canceled, failed or rescued
+                }
+                if let Some((pos, squares)) = last {
+                    sqlx::query(
+                        "INSERT INTO results (job_id, pos, len, data) VALUES ($1, $2, $3, $4) \
+                         ON CONFLICT (job_id, pos) DO UPDATE SET len = excluded.len, data = excluded.data",
+                    )
+                    .bind(&id_text)
+                    .bind(pos as i64)
+                    .bind(squares.len() as i64)
+                    .bind(&*le_bytes(squares))
+                    .execute(&mut *tx)
+                    .await?;
                 }
                 let row = sqlx::query(
                     "UPDATE jobs SET chunks_done = chunks_done + 1, chunks_running = chunks_running - 1, \
