@@ -97,6 +97,18 @@ pub struct ServeArgs {
     #[arg(long = "api-key", env = "SQUARED_API_KEYS", value_delimiter = ',', hide_env_values = true)]
     pub api_keys: Vec<String>,
 
+    /// The key that signs webhook deliveries (Squared-Signature); required for jobs with a callback_url.
+    #[arg(long, env = "SQUARED_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+
+    /// A callback host exempt from the address checks (loopback, private, link-local, metadata); repeatable.
+    #[arg(long = "allow-callback-host", env = "SQUARED_ALLOW_CALLBACK_HOSTS", value_delimiter = ',')]
+    pub allow_callback_hosts: Vec<String>,
+
+    /// Webhook delivery attempts before giving up (exponential backoff between them).
+    #[arg(long, env = "SQUARED_WEBHOOK_MAX_ATTEMPTS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=30))]
+    pub webhook_max_attempts: u32,
+
     /// How long a node's claim on a chunk lasts without a heartbeat; after it, another node re-runs the chunk.
     #[arg(long, env = "SQUARED_LEASE", value_parser = parse_duration, default_value = "15s")]
     pub lease: Duration,

@@ -23,6 +23,7 @@
 //!   kernel, the worker wire protocol and shared memory.
 //! - [`worker`]: the hidden `squared worker` subprocess entry.
 //! - [`events`]: in-process notifications of job changes (long-poll wake-ups).
+//! - [`webhooks`]: signed, retried, SSRF-guarded delivery of final job documents.
 //! - [`metrics`]: Prometheus metrics registry.
 //! - [`api`]: the axum router, one module per resource, errors as RFC 9457
 //!   problem documents, and the generated OpenAPI document.
@@ -38,4 +39,5 @@ pub mod scheduler;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod webhooks;
 pub mod worker;

@@ -19,6 +19,11 @@ pub struct FinishedLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabel {
     pub route: String,
 }
@@ -49,6 +54,7 @@ pub struct Metrics {
     pub workers_spawned: Counter,
     pub worker_crashes: Counter,
     pub chunk_seconds: Family<StrategyLabel, Histogram, fn() -> Histogram>,
+    pub webhook_deliveries: Family<OutcomeLabel, Counter>,
     pub http_requests: Family<RouteStatusLabels, Counter>,
     pub http_seconds: Family<RouteLabel, Histogram, fn() -> Histogram>,
 }
@@ -66,6 +72,7 @@ impl Default for Metrics {
             workers_spawned: Counter::default(),
             worker_crashes: Counter::default(),
             chunk_seconds: Family::new_with_constructor(wall_buckets),
+            webhook_deliveries: Family::default(),
             http_requests: Family::default(),
             http_seconds: Family::new_with_constructor(http_buckets),
             registry: Registry::default(),
@@ -83,6 +90,11 @@ impl Default for Metrics {
         registry.register("squared_worker_processes_spawned", "Worker subprocesses started", m.workers_spawned.clone());
         registry.register("squared_worker_crashes", "Worker subprocesses that died mid-work", m.worker_crashes.clone());
         registry.register("squared_chunk_seconds", "Chunk run time, by strategy", m.chunk_seconds.clone());
+        registry.register(
+            "squared_webhook_deliveries",
+            "Webhook delivery attempts, by outcome (delivered, retry, failed)",
+            m.webhook_deliveries.clone(),
+        );
         registry.register("squared_http_requests", "HTTP requests, by route and status", m.http_requests.clone());
         registry.register("squared_http_request_seconds", "HTTP request latency, by route", m.http_seconds.clone());
         Metrics { registry, ..m }

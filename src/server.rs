@@ -19,6 +19,7 @@ use crate::exec::WorkerCommand;
 use crate::metrics::Metrics;
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::store::{Dialect, PgStore, Store, JOBS_CHANNEL, WORK_CHANNEL};
+use crate::webhooks::WebhookConfig;
 
 /// This machine's host name, for default node names.
 fn hostname() -> String {
@@ -74,7 +75,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         store: store.clone(),
         scheduler: scheduler.clone(),
         events: events.clone(),
-        metrics,
+        metrics: metrics.clone(),
         limits: Limits {
             default_cores: cores,
             max_cores_per_job: args.max_cores_per_job,
@@ -88,11 +89,36 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         idempotency_ttl: args.idempotency_ttl,
         api_keys: Arc::new(api::digest_keys(&args.api_keys)),
         shutdown: stopped.clone(),
+        webhooks: WebhookConfig {
+            secret: args.webhook_secret.clone().filter(|s| !s.is_empty()),
+            allowed_hosts: args.allow_callback_hosts.clone(),
+            max_attempts: args.webhook_max_attempts,
+        },
     };
+    let webhook_config = state.webhooks.clone();
 
     let scheduler_task = tokio::spawn(scheduler.clone().run(stopped.clone()));
     let heartbeat_task = tokio::spawn(scheduler.clone().heartbeat(stopped.clone()));
     let retention_task = tokio::spawn(retention(store.clone(), args.retention, stopped.clone()));
+    let webhook_wake = Arc::new(tokio::sync::Notify::new());
+    tokio::spawn(crate::webhooks::run(
+        store.clone(),
+        webhook_config,
+        metrics.clone(),
+        webhook_wake.clone(),
+        stopped.clone(),
+    ));
+    // A job that ends (here or, through NOTIFY, elsewhere) may have a webhook due.
+    let mut ended = events.subscribe();
+    tokio::spawn(async move {
+        loop {
+            match ended.recv().await {
+                Ok(event) if event.status.is_final() => webhook_wake.notify_one(),
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
     if let Store::Postgres(pg) = &store {
         tokio::spawn(listen(pg.clone(), scheduler.clone(), events.clone(), stopped.clone()));
     }

@@ -30,6 +30,8 @@ CREATE TABLE jobs (
     max_attempts    INTEGER NOT NULL DEFAULT 1,
     attempt_errors  TEXT NOT NULL DEFAULT '[]',  -- each failed attempt's error (JSON array)
     timeout_ms      INTEGER,
+    callback_url    TEXT,                        -- POSTed the final document when the job ends
+    series          TEXT,                        -- jobs of one series (a comparison) run one at a time
     version         INTEGER NOT NULL DEFAULT 0,  -- bumped on every change: the event stream's ids
     request         TEXT NOT NULL,               -- the request echo (JSON)
     timing          TEXT,                        -- totals (JSON), once the job has ended
@@ -41,6 +43,7 @@ CREATE INDEX jobs_ready ON jobs (priority DESC, created_at, id) WHERE chunks_rea
 CREATE INDEX jobs_queued ON jobs (status) WHERE status = 'queued';
 CREATE INDEX jobs_status ON jobs (status, id);
 CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
+CREATE INDEX jobs_series ON jobs (series, status) WHERE series IS NOT NULL;
 
 CREATE TABLE job_metadata (
     job_id  TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
@@ -97,3 +100,24 @@ CREATE TABLE idempotency_keys (
     expires_at  INTEGER NOT NULL
 );
 CREATE INDEX idempotency_keys_expiry ON idempotency_keys (expires_at);
+
+-- Webhook deliveries, created in the transaction that ends a job with a
+-- callback_url; any node delivers them, claiming one by moving next_at ahead.
+CREATE TABLE webhooks (
+    job_id    TEXT PRIMARY KEY REFERENCES jobs (id) ON DELETE CASCADE,
+    url       TEXT NOT NULL,
+    state     TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'failed')),
+    attempts  INTEGER NOT NULL DEFAULT 0,
+    next_at   INTEGER NOT NULL,
+    history   TEXT NOT NULL DEFAULT '[]'             -- every attempt (JSON array)
+);
+CREATE INDEX webhooks_due ON webhooks (next_at) WHERE state = 'pending';
+
+-- Comparisons: a matrix of strategies x cores x repeats run as ordinary jobs
+-- of one series; cells (JSON) name each cell's jobs.
+CREATE TABLE comparisons (
+    id          TEXT PRIMARY KEY,
+    created_at  INTEGER NOT NULL,
+    request     TEXT NOT NULL,
+    cells       TEXT NOT NULL
+);

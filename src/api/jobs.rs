@@ -48,8 +48,27 @@ pub fn not_found(id: Uuid) -> ApiError {
     ApiError::NotFound(format!("no job {id}"))
 }
 
+/// Reads a request body within `--max-body-bytes` (413 beyond it).
+pub(super) async fn read_body(app: &AppState, headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes, ApiError> {
+    let too_large = || {
+        ApiError::TooLarge(crate::domain::FieldError {
+            field: "(body)".into(),
+            message: format!("the body is over this server's limit of {} bytes", app.max_body_bytes),
+        })
+    };
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > app.max_body_bytes) {
+        return Err(too_large());
+    }
+    match http_body_util::Limited::new(body, app.max_body_bytes).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(ApiError::MalformedJson(format!("could not read the body: {e}"))),
+    }
+}
+
 /// Whether a Content-Type header declares JSON.
-fn is_json(headers: &HeaderMap) -> bool {
+pub(super) fn is_json(headers: &HeaderMap) -> bool {
     let Some(value) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
         return false;
     };
@@ -57,22 +76,13 @@ fn is_json(headers: &HeaderMap) -> bool {
     mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
 }
 
-/// Options this server parses but does not run yet: refused rather than ignored.
-fn refuse_unsupported(spec: &JobSpec) -> Result<(), ApiError> {
-    let mut errors = Vec::new();
-    let mut refuse = |field: &str| {
-        errors.push(crate::domain::FieldError {
-            field: field.into(),
-            message: "is not supported by this server version yet".into(),
-        })
-    };
-    if spec.callback_url.is_some() {
-        refuse("callback_url");
-    }
-    match errors.is_empty() {
-        true => Ok(()),
-        false => Err(ApiError::Validation { errors, more: 0 }),
-    }
+/// Checks what needs the server's settings: the callback URL's destination.
+pub(super) fn check_callback(spec: &JobSpec, app: &AppState) -> Result<(), ApiError> {
+    let Some(url) = &spec.callback_url else { return Ok(()) };
+    app.webhooks.check_at_submit(url).map_err(|message| ApiError::Validation {
+        errors: vec![crate::domain::FieldError { field: "callback_url".into(), message }],
+        more: 0,
+    })
 }
 
 /// Submit a job.
@@ -99,21 +109,7 @@ pub async fn submit_job(State(app): State<AppState>, headers: HeaderMap, body: B
     if !is_json(&headers) {
         return Err(ApiError::UnsupportedMediaType);
     }
-    let too_large = || {
-        ApiError::TooLarge(crate::domain::FieldError {
-            field: "(body)".into(),
-            message: format!("the body is over this server's limit of {} bytes", app.max_body_bytes),
-        })
-    };
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > app.max_body_bytes) {
-        return Err(too_large());
-    }
-    let bytes = match http_body_util::Limited::new(body, app.max_body_bytes).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
-        Err(e) => return Err(ApiError::MalformedJson(format!("could not read the body: {e}"))),
-    };
+    let bytes = read_body(&app, &headers, body).await?;
     let idempotency = match headers.get("idempotency-key") {
         None => None,
         Some(value) => Some(
@@ -138,7 +134,7 @@ pub async fn submit_job(State(app): State<AppState>, headers: HeaderMap, body: B
             .map_err(|e| ApiError::Internal(format!("parser task: {e}")))?
     }
     .map_err(ApiError::from)?;
-    refuse_unsupported(&spec)?;
+    check_callback(&spec, &app)?;
 
     let id = Uuid::now_v7();
     let created_at = now_micros();
@@ -148,7 +144,8 @@ pub async fn submit_job(State(app): State<AppState>, headers: HeaderMap, body: B
         body_hash,
         expires_at: created_at.saturating_add(app.idempotency_ttl.as_micros().min(i64::MAX as u128) as i64),
     });
-    let new_job = NewJob { id, spec: &spec, created_at, chunks: &chunks, idempotency, max_queued: app.max_queued };
+    let new_job =
+        NewJob { id, spec: &spec, created_at, chunks: &chunks, idempotency, max_queued: app.max_queued, series: None };
     match app.store.insert_job(&new_job).await? {
         Inserted::New => {}
         Inserted::Existing(existing) => {
@@ -182,6 +179,11 @@ pub async fn submit_job(State(app): State<AppState>, headers: HeaderMap, body: B
         error: None,
         links: JobLinks::for_job(id),
         version: 0,
+        callback: spec.callback_url.clone().map(|url| crate::domain::Callback {
+            url,
+            state: "waiting".into(),
+            attempts: vec![],
+        }),
     };
     Ok((StatusCode::ACCEPTED, [(header::LOCATION, doc.links.this.clone())], Json(doc)).into_response())
 }

@@ -2,6 +2,7 @@
 //! problem documents, request ids, HTTP metrics, and the OpenAPI document
 //! generated from the handlers (`openapi.yaml` is checked against it).
 
+mod comparisons;
 pub mod error;
 mod events;
 mod health;
@@ -44,6 +45,7 @@ pub struct AppState {
     pub idempotency_ttl: std::time::Duration,
     /// SHA-256 digests of the API keys; empty: no key needed.
     pub api_keys: Arc<Vec<[u8; 32]>>,
+    pub webhooks: crate::webhooks::WebhookConfig,
     /// Turns true when the server starts shutting down: long-polls and event streams answer and end.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
@@ -83,6 +85,7 @@ static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(jobs::router())
+        .merge(comparisons::router())
         .merge(health::router())
         .fallback(|| async { ApiError::NotFound("no such resource".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
@@ -134,6 +137,8 @@ fn query_pairs(query: Option<String>) -> Result<Vec<(String, String)>, ApiError>
         jobs::cancel_job,
         results::get_result,
         events::job_events,
+        comparisons::create_comparison,
+        comparisons::get_comparison,
         health::healthz,
         health::readyz,
         health::metrics,
@@ -146,6 +151,10 @@ fn query_pairs(query: Option<String>) -> Result<Vec<(String, String)>, ApiError>
         crate::domain::Problem,
         crate::domain::FieldError,
         crate::domain::AttemptError,
+        crate::domain::Callback,
+        crate::domain::DeliveryAttempt,
+        comparisons::ComparisonRequestDoc,
+        comparisons::Comparison,
         jobs::JobList,
         results::ResultPage,
         health::Health,
@@ -153,6 +162,7 @@ fn query_pairs(query: Option<String>) -> Result<Vec<(String, String)>, ApiError>
     modifiers(&BearerAuth),
     tags(
         (name = "jobs", description = "Submit jobs, follow them, fetch their squares"),
+        (name = "comparisons", description = "Run the same numbers every way and compare the wall times"),
         (name = "service", description = "Health, readiness, metrics, this document"),
     )
 )]

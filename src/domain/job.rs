@@ -163,10 +163,36 @@ pub struct JobDocument {
     pub timing: Option<Timing>,
     /// A problem document when the job failed or was canceled.
     pub error: Option<Problem>,
+    /// The webhook of a job submitted with a `callback_url`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub callback: Option<Callback>,
     pub links: JobLinks,
     /// Bumped on every stored change; the ids of the event stream.
     #[serde(skip)]
     pub version: u64,
+}
+
+/// The delivery of a job's final document to its `callback_url`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Callback {
+    pub url: String,
+    /// `waiting` (the job has not ended), `pending`, `delivered` or `failed`.
+    pub state: String,
+    /// Every delivery attempt, oldest first.
+    pub attempts: Vec<DeliveryAttempt>,
+}
+
+/// One POST to a `callback_url`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DeliveryAttempt {
+    /// When it was made (RFC 3339).
+    pub at: String,
+    /// The receiver's HTTP status, when it answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status_code: Option<u16>,
+    /// Why it failed, when no status came back (or the address was refused).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// One failed attempt.

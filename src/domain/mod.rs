@@ -8,8 +8,8 @@ mod spec;
 mod split;
 
 pub use job::{
-    now_micros, rfc3339, AttemptError, ChunkTiming, JobDocument, JobLinks, JobStatus, Problem, Progress, RequestEcho,
-    Timing,
+    now_micros, rfc3339, AttemptError, Callback, ChunkTiming, DeliveryAttempt, JobDocument, JobLinks, JobStatus,
+    Problem, Progress, RequestEcho, Timing,
 };
 pub use numbers::{RangeSpec, MAX_ABS};
 pub use spec::{FieldError, Input, JobRequestDoc, JobSpec, Limits, RangeDoc, Simulate, SpecError, Strategy, Transport};

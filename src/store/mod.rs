@@ -22,7 +22,8 @@ use std::collections::BTreeMap;
 use uuid::Uuid;
 
 use crate::domain::{
-    ChunkPlan, JobDocument, JobSpec, JobStatus, Problem, Progress, RangeSpec, Simulate, Strategy, Transport,
+    ChunkPlan, DeliveryAttempt, JobDocument, JobSpec, JobStatus, Problem, Progress, RangeSpec, Simulate, Strategy,
+    Transport,
 };
 
 pub use postgres::PgStore;
@@ -83,6 +84,8 @@ pub struct NewJob<'a> {
     pub idempotency: Option<IdempotencyKey>,
     /// Refuse the job if this many jobs are already queued.
     pub max_queued: Option<u64>,
+    /// Jobs of one series run one at a time, oldest first (a comparison's runs).
+    pub series: Option<Uuid>,
 }
 
 /// An `Idempotency-Key` with the hash of the body it came with.
@@ -161,6 +164,35 @@ pub struct Completion {
     pub progress: Progress,
     /// Set when this was the job's last chunk: the job has succeeded, in this many ms of wall time.
     pub finished_wall_ms: Option<f64>,
+}
+
+/// What a webhook delivery attempt led to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookOutcome {
+    Delivered,
+    /// Try again at this time (µs since the epoch).
+    Retry {
+        next_at: i64,
+    },
+    /// Given up: attempts exhausted, or the destination is refused.
+    Failed,
+}
+
+/// A stored comparison: its request and cells (JSON, as the API wrote them).
+#[derive(Debug, Clone)]
+pub struct StoredComparison {
+    pub id: Uuid,
+    pub created_at: i64,
+    pub request: String,
+    pub cells: String,
+}
+
+/// What a comparison needs to know of one of its jobs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct JobSummary {
+    pub id: Uuid,
+    pub status: JobStatus,
+    pub wall_ms: Option<f64>,
 }
 
 /// A listing request.
@@ -257,6 +289,16 @@ delegate! {
     fn record_attempt_error(&self, id: Uuid, error: &Problem, now: i64) -> StoreResult<Option<u32>>;
     /// Result segments overlapping `[from, to)`, in order, bounded in rows and numbers.
     fn result_segments(&self, id: Uuid, from: u64, to: u64, max_rows: u32, max_numbers: u64) -> StoreResult<Vec<Segment>>;
+    /// Claims up to `limit` due webhook deliveries for `lease` µs: (job, url, attempts so far).
+    fn claim_webhooks(&self, now: i64, limit: u32, lease: i64) -> StoreResult<Vec<(Uuid, String, u32)>>;
+    /// Records one delivery attempt and what follows from it.
+    fn record_webhook(&self, id: Uuid, attempt: &DeliveryAttempt, outcome: WebhookOutcome) -> StoreResult<()>;
+    /// Stores a comparison whose jobs exist already.
+    fn insert_comparison(&self, comparison: &StoredComparison) -> StoreResult<()>;
+    /// A comparison, or `None` for an unknown id.
+    fn comparison(&self, id: Uuid) -> StoreResult<Option<StoredComparison>>;
+    /// Status and wall time of each job in `ids` that exists.
+    fn job_summaries(&self, ids: &[Uuid]) -> StoreResult<Vec<JobSummary>>;
     /// Deletes a job that has ended, with its result.
     fn delete_job(&self, id: Uuid) -> StoreResult<Deleted>;
     /// Deletes up to `batch` jobs that finished before `cutoff`, and expired idempotency keys.

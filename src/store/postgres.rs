@@ -13,7 +13,8 @@ use uuid::Uuid;
 use super::sql::*;
 use super::*;
 use crate::domain::{
-    rfc3339, AttemptError, ChunkTiming, Input, JobLinks, Problem, Progress, RequestEcho, Timing, SEGMENT_LEN,
+    rfc3339, AttemptError, Callback, ChunkTiming, DeliveryAttempt, Input, JobLinks, Problem, Progress, RequestEcho,
+    Timing, SEGMENT_LEN,
 };
 use crate::exec::le_bytes;
 

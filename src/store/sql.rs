@@ -20,7 +20,7 @@ pub(super) struct TimingTotals {
 
 /// Columns the job document is built from.
 pub(super) const JOB_COLUMNS: &str = "id, status, created_at, started_at, finished_at, request, attempts, \
-     attempt_errors, chunks_total, chunks_done, numbers_done, timing, error, version";
+     attempt_errors, chunks_total, chunks_done, numbers_done, timing, error, version, callback_url";
 
 /// Columns a claim returns about its job.
 pub(super) const CLAIM_COLUMNS: &str = "count, cores, strategy, transport, sleep_ms, spin, range_start, range_end, \
@@ -120,8 +120,8 @@ macro_rules! sql_store {
                 sqlx::query(
                     "INSERT INTO jobs (id, status, priority, created_at, count, cores, strategy, transport, sleep_ms, \
                      spin, range_start, range_end, range_step, chunks_total, chunks_ready, max_attempts, timeout_ms, \
-                     request) VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13, $14, \
-                     $15, $16)",
+                     request, callback_url, series) VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
+                     $12, $13, $13, $14, $15, $16, $17, $18)",
                 )
                 .bind(&id)
                 .bind(spec.priority as i64)
@@ -139,6 +139,8 @@ macro_rules! sql_store {
                 .bind(spec.max_attempts as i64)
                 .bind(spec.timeout_ms.map(|t| t as i64))
                 .bind(echo)
+                .bind(spec.callback_url.as_deref())
+                .bind(job.series.map(|s| s.to_string()))
                 .execute(&mut *tx)
                 .await?;
                 for (key, value) in &spec.metadata {
@@ -244,6 +246,11 @@ macro_rules! sql_store {
                         })
                     }
                 };
+                let callback_url: Option<String> = row.get("callback_url");
+                let callback = match callback_url {
+                    None => None,
+                    Some(url) => Some(self.callback(id, url).await?),
+                };
                 let error: Option<String> = row.get("error");
                 let started_at: Option<i64> = row.get("started_at");
                 let finished_at: Option<i64> = row.get("finished_at");
@@ -265,7 +272,78 @@ macro_rules! sql_store {
                     error: error.map(|e| parse_json::<Problem>(&e)).transpose()?,
                     links: JobLinks::for_job(id),
                     version: row.get::<i64, _>("version") as u64,
+                    callback,
                 })
+            }
+
+            async fn callback(&self, id: Uuid, url: String) -> StoreResult<Callback> {
+                let row = sqlx::query("SELECT state, history FROM webhooks WHERE job_id = $1")
+                    .bind(id.to_string())
+                    .fetch_optional(&self.readers)
+                    .await?;
+                Ok(match row {
+                    None => Callback { url, state: "waiting".into(), attempts: Vec::new() },
+                    Some(row) => Callback { url, state: row.get("state"), attempts: parse_json(row.get("history"))? },
+                })
+            }
+
+            pub async fn claim_webhooks(
+                &self,
+                now: i64,
+                limit: u32,
+                lease: i64,
+            ) -> StoreResult<Vec<(Uuid, String, u32)>> {
+                let lock = if Self::DIALECT == Dialect::Postgres { " FOR UPDATE SKIP LOCKED" } else { "" };
+                let rows = sqlx::query(&format!(
+                    "UPDATE webhooks SET next_at = $1 + $3 WHERE job_id IN (SELECT job_id FROM webhooks \
+                     WHERE state = 'pending' AND next_at <= $1 ORDER BY next_at LIMIT $2{lock}) \
+                     RETURNING job_id, url, attempts"
+                ))
+                .bind(now)
+                .bind(limit as i64)
+                .bind(lease)
+                .fetch_all(&self.writer)
+                .await?;
+                rows.iter()
+                    .map(|r| Ok((parse_uuid(r.get("job_id"))?, r.get("url"), r.get::<i64, _>("attempts") as u32)))
+                    .collect()
+            }
+
+            pub async fn record_webhook(
+                &self,
+                id: Uuid,
+                attempt: &DeliveryAttempt,
+                outcome: WebhookOutcome,
+            ) -> StoreResult<()> {
+                let id_text = id.to_string();
+                let mut tx = self.writer.begin().await?;
+                let lock = if Self::DIALECT == Dialect::Postgres { " FOR UPDATE" } else { "" };
+                let history: Option<String> =
+                    sqlx::query_scalar(&format!("SELECT history FROM webhooks WHERE job_id = $1{lock}"))
+                        .bind(&id_text)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                let Some(history) = history else { return Ok(()) }; // the job was deleted
+                let mut attempts: Vec<DeliveryAttempt> = parse_json(&history)?;
+                attempts.push(attempt.clone());
+                let (state, next_at) = match outcome {
+                    WebhookOutcome::Delivered => ("delivered", 0),
+                    WebhookOutcome::Retry { next_at } => ("pending", next_at),
+                    WebhookOutcome::Failed => ("failed", 0),
+                };
+                sqlx::query(
+                    "UPDATE webhooks SET state = $2, attempts = $3, next_at = $4, history = $5 WHERE job_id = $1",
+                )
+                .bind(&id_text)
+                .bind(state)
+                .bind(attempts.len() as i64)
+                .bind(next_at)
+                .bind(serde_json::to_string(&attempts).expect("attempts serialise"))
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query("UPDATE jobs SET version = version + 1 WHERE id = $1").bind(&id_text).execute(&mut *tx).await?;
+                tx.commit().await?;
+                Ok(())
             }
 
             async fn chunk_timings(&self, id: Uuid) -> StoreResult<Vec<ChunkTiming>> {
@@ -350,13 +428,34 @@ macro_rules! sql_store {
                     (Dialect::Postgres, false) => " FOR UPDATE",
                 };
                 let row = sqlx::query(&format!(
-                    "SELECT cores, strategy, chunks_ready, chunks_running FROM jobs \
+                    "SELECT cores, strategy, chunks_ready, chunks_running, series, status FROM jobs \
                      WHERE id = $1 AND status IN ('queued', 'running') AND chunks_ready > 0{lock}"
                 ))
                 .bind(&id_text)
                 .fetch_optional(&mut *tx)
                 .await?;
                 let Some(row) = row else { return Ok(None) };
+                let series: Option<String> = row.get("series");
+                if let (Some(series), "queued") = (series, row.get::<String, _>("status").as_str()) {
+                    // A series runs one job at a time: start this one only when
+                    // no other is running (serialised across nodes by a lock).
+                    if Self::DIALECT == Dialect::Postgres {
+                        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+                            .bind(&series)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    let busy: i64 = sqlx::query_scalar(
+                        "SELECT COUNT(*) FROM jobs WHERE series = $1 AND status = 'running' AND id <> $2",
+                    )
+                    .bind(&series)
+                    .bind(&id_text)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    if busy > 0 {
+                        return Ok(None);
+                    }
+                }
                 let cores = match parse_strategy(row.get("strategy"))? {
                     Strategy::Sequential => 1,
                     _ => row.get::<i64, _>("cores"),
@@ -654,6 +753,16 @@ macro_rules! sql_store {
                 if status != JobStatus::Succeeded {
                     sqlx::query("DELETE FROM results WHERE job_id = $1").bind(id).execute(&mut **tx).await?;
                 }
+                // The webhook is due now, and durable with the job's end.
+                sqlx::query(
+                    "INSERT INTO webhooks (job_id, url, state, attempts, next_at) \
+                     SELECT id, callback_url, 'pending', 0, $2 FROM jobs WHERE id = $1 AND callback_url IS NOT NULL \
+                     ON CONFLICT (job_id) DO NOTHING",
+                )
+                .bind(id)
+                .bind(now)
+                .execute(&mut **tx)
+                .await?;
                 sqlx::query(
                     "UPDATE chunks SET state = 'pending', owner = NULL, lease_until = NULL \
                      WHERE job_id = $1 AND state = 'running'",
@@ -774,6 +883,50 @@ macro_rules! sql_store {
                             )));
                         }
                         Ok(Segment { pos: r.get::<i64, _>("pos") as u64, data })
+                    })
+                    .collect()
+            }
+
+            pub async fn insert_comparison(&self, c: &StoredComparison) -> StoreResult<()> {
+                sqlx::query("INSERT INTO comparisons (id, created_at, request, cells) VALUES ($1, $2, $3, $4)")
+                    .bind(c.id.to_string())
+                    .bind(c.created_at)
+                    .bind(&c.request)
+                    .bind(&c.cells)
+                    .execute(&self.writer)
+                    .await?;
+                Ok(())
+            }
+
+            pub async fn comparison(&self, id: Uuid) -> StoreResult<Option<StoredComparison>> {
+                let row = sqlx::query("SELECT created_at, request, cells FROM comparisons WHERE id = $1")
+                    .bind(id.to_string())
+                    .fetch_optional(&self.readers)
+                    .await?;
+                Ok(row.map(|r| StoredComparison {
+                    id,
+                    created_at: r.get("created_at"),
+                    request: r.get("request"),
+                    cells: r.get("cells"),
+                }))
+            }
+
+            pub async fn job_summaries(&self, ids: &[Uuid]) -> StoreResult<Vec<JobSummary>> {
+                if ids.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let mut sql = QueryBuilder::<$db>::new("SELECT id, status, timing FROM jobs WHERE id IN (");
+                let mut list = sql.separated(", ");
+                for id in ids {
+                    list.push_bind(id.to_string());
+                }
+                sql.push(")");
+                let rows = sql.build().fetch_all(&self.readers).await?;
+                rows.iter()
+                    .map(|r| {
+                        let timing: Option<String> = r.get("timing");
+                        let wall_ms = timing.map(|t| parse_json::<TimingTotals>(&t)).transpose()?.map(|t| t.wall_ms);
+                        Ok(JobSummary { id: parse_uuid(r.get("id"))?, status: parse_status(r.get("status"))?, wall_ms })
                     })
                     .collect()
             }

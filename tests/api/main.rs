@@ -6,6 +6,7 @@
 //! `postgres://postgres@127.0.0.1:5432/postgres`, or `SQUARED_TEST_POSTGRES_URL`);
 //! without one they fail, never skip.
 
+mod comparisons;
 mod hardening;
 #[allow(dead_code)]
 mod helpers;
@@ -13,6 +14,7 @@ mod jobs;
 mod lifecycle;
 mod results;
 mod validation;
+mod webhooks;
 
 /// Runs each named `async fn(Backend)` as a test on SQLite and on PostgreSQL.
 #[macro_export]

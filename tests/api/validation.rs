@@ -162,7 +162,7 @@ async fn unknown_and_malformed_ids_are_404_and_400(backend: Backend) {
     assert_eq!((status, problem["status"].as_u64()), (404, Some(404)));
 }
 
-async fn options_not_yet_run_by_this_server_are_refused_not_ignored(backend: Backend) {
+async fn a_callback_without_a_webhook_secret_is_refused_not_ignored(backend: Backend) {
     let server = TestServer::start(backend).await;
     let response = server.post_job(&json!({"numbers": [1], "callback_url": "https://example.com/hook"})).await;
     assert_eq!(response.status(), 422);
@@ -177,5 +177,5 @@ crate::backend_tests!(
     too_many_numbers_or_bytes_is_413,
     too_many_chunks_is_422_on_chunk_size,
     unknown_and_malformed_ids_are_404_and_400,
-    options_not_yet_run_by_this_server_are_refused_not_ignored,
+    a_callback_without_a_webhook_secret_is_refused_not_ignored,
 );
