@@ -22,6 +22,8 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Print the OpenAPI document generated from the code (YAML).
     Openapi,
+    #[command(flatten)]
+    Client(crate::cli::Verb),
     /// A worker subprocess; started by `squared serve`, not by people.
     #[command(hide = true)]
     Worker(WorkerArgs),

@@ -12,6 +12,7 @@
 //! Data flows one way: HTTP → domain (parse) → store → scheduler → exec → store → HTTP.
 //!
 //! - [`config`]: the command line; every server option is also an environment variable.
+//! - [`cli`]: the client verbs (`submit`, `status`, `wait`, `result`, `cancel`, `list`, `compare`).
 //! - [`telemetry`]: tracing subscriber set-up (text or JSON logs).
 //! - [`domain`]: the parsed job request ([`domain::JobSpec`]), the chunk split,
 //!   job statuses and the job document clients see.
@@ -30,6 +31,7 @@
 //! - [`server`]: wires store, scheduler and HTTP together for `squared serve`.
 
 pub mod api;
+pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod events;

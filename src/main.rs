@@ -1,5 +1,6 @@
-//! The `squared` binary: parse the command line, then serve, run a worker, or
-//! print the OpenAPI document. Everything else lives in the library.
+//! The `squared` binary: parse the command line, then serve, run a worker,
+//! act as a client of a server, or print the OpenAPI document. Everything
+//! else lives in the library.
 
 use clap::Parser;
 use squared::config::{Cli, Command};
@@ -18,5 +19,12 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Worker(args) => squared::worker::run(&args),
+        Command::Client(verb) => match squared::cli::run(verb) {
+            Ok(()) => Ok(()),
+            Err(failure) => {
+                eprintln!("squared: {}", failure.message());
+                std::process::exit(failure.exit_code());
+            }
+        },
     }
 }

@@ -6,6 +6,7 @@
 //! `postgres://postgres@127.0.0.1:5432/postgres`, or `SQUARED_TEST_POSTGRES_URL`);
 //! without one they fail, never skip.
 
+mod cli;
 mod comparisons;
 mod hardening;
 #[allow(dead_code)]
