@@ -36,7 +36,7 @@ pub enum Output {
 #[derive(Debug, Subcommand)]
 pub enum Verb {
     /// Submit a job: numbers as arguments, `-` for stdin, `--file`, or `--range`.
-    Submit(SubmitArgs),
+    Submit(Box<SubmitArgs>),
     /// Show a job.
     Status {
         id: String,
@@ -87,7 +87,7 @@ pub enum Verb {
         client: ClientArgs,
     },
     /// Compare strategies and core counts on the same numbers; prints the table.
-    Compare(CompareArgs),
+    Compare(Box<CompareArgs>),
 }
 
 #[derive(Debug, Clone, Args)]
