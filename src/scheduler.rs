@@ -432,6 +432,10 @@ impl Scheduler {
 
     /// A lane: starts a worker, then runs chunks of one job until none are left.
     fn run_lane(&self, local: Arc<LocalJob>, permit: OwnedSemaphorePermit) {
+        // Every log line of the lane names the job and the request that created it.
+        let request_id = local.job.request_id.as_deref().unwrap_or("");
+        let span = tracing::info_span!("job", job = %local.job.id, request_id = %request_id);
+        let _entered = span.enter();
         let lane = LaneRun { s: self, local: &local };
         lane.run();
         drop(permit);

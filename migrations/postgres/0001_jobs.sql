@@ -32,6 +32,7 @@ CREATE TABLE jobs (
     timeout_ms      BIGINT,
     callback_url    TEXT,                        -- POSTed the final document when the job ends
     series          TEXT,                        -- jobs of one series (a comparison) run one at a time
+    request_id      TEXT,                        -- x-request-id of the submission, for the job's logs
     version         BIGINT NOT NULL DEFAULT 0,  -- bumped on every change: the event stream's ids
     request         TEXT NOT NULL,               -- the request echo (JSON)
     timing          TEXT,                        -- totals (JSON), once the job has ended

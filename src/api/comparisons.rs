@@ -224,6 +224,7 @@ pub async fn create_comparison(
                 idempotency: None,
                 max_queued: None,
                 series: Some(id),
+                request_id: headers.get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_string),
             };
             match app.store.insert_job(&new_job).await? {
                 Inserted::New => cell.job_ids.push(job),

@@ -144,8 +144,16 @@ pub async fn submit_job(State(app): State<AppState>, headers: HeaderMap, body: B
         body_hash,
         expires_at: created_at.saturating_add(app.idempotency_ttl.as_micros().min(i64::MAX as u128) as i64),
     });
-    let new_job =
-        NewJob { id, spec: &spec, created_at, chunks: &chunks, idempotency, max_queued: app.max_queued, series: None };
+    let new_job = NewJob {
+        id,
+        spec: &spec,
+        created_at,
+        chunks: &chunks,
+        idempotency,
+        max_queued: app.max_queued,
+        series: None,
+        request_id: headers.get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_string),
+    };
     match app.store.insert_job(&new_job).await? {
         Inserted::New => {}
         Inserted::Existing(existing) => {

@@ -86,6 +86,8 @@ pub struct NewJob<'a> {
     pub max_queued: Option<u64>,
     /// Jobs of one series run one at a time, oldest first (a comparison's runs).
     pub series: Option<Uuid>,
+    /// The submission's `x-request-id`, carried into the job's logs.
+    pub request_id: Option<String>,
 }
 
 /// An `Idempotency-Key` with the hash of the body it came with.
@@ -136,6 +138,7 @@ pub struct ClaimedJob {
     pub attempts: u32,
     pub max_attempts: u32,
     pub timeout_ms: Option<u64>,
+    pub request_id: Option<String>,
 }
 
 /// Chunks a node claimed, with their job.

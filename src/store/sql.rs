@@ -24,7 +24,7 @@ pub(super) const JOB_COLUMNS: &str = "id, status, created_at, started_at, finish
 
 /// Columns a claim returns about its job.
 pub(super) const CLAIM_COLUMNS: &str = "count, cores, strategy, transport, sleep_ms, spin, range_start, range_end, \
-     range_step, created_at, started_at, attempts, max_attempts, timeout_ms";
+     range_step, created_at, started_at, attempts, max_attempts, timeout_ms, request_id";
 
 /// Rows per multi-row INSERT (well under both backends' parameter limits).
 pub(super) const INSERT_BATCH: usize = 1000;
@@ -120,8 +120,8 @@ macro_rules! sql_store {
                 sqlx::query(
                     "INSERT INTO jobs (id, status, priority, created_at, count, cores, strategy, transport, sleep_ms, \
                      spin, range_start, range_end, range_step, chunks_total, chunks_ready, max_attempts, timeout_ms, \
-                     request, callback_url, series) VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
-                     $12, $13, $13, $14, $15, $16, $17, $18)",
+                     request, callback_url, series, request_id) VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $8, $9, \
+                     $10, $11, $12, $13, $13, $14, $15, $16, $17, $18, $19)",
                 )
                 .bind(&id)
                 .bind(spec.priority as i64)
@@ -141,6 +141,7 @@ macro_rules! sql_store {
                 .bind(echo)
                 .bind(spec.callback_url.as_deref())
                 .bind(job.series.map(|s| s.to_string()))
+                .bind(job.request_id.as_deref())
                 .execute(&mut *tx)
                 .await?;
                 for (key, value) in &spec.metadata {
@@ -526,6 +527,7 @@ macro_rules! sql_store {
                     attempts: row.get::<i64, _>("attempts") as u32,
                     max_attempts: row.get::<i64, _>("max_attempts") as u32,
                     timeout_ms: row.get::<Option<i64>, _>("timeout_ms").map(|t| t as u64),
+                    request_id: row.get("request_id"),
                 };
                 Ok(Some(Claim { job, chunks }))
             }

@@ -103,15 +103,33 @@ async fn service_endpoints_answer(backend: Backend) {
     let response = server.client.get(server.url("/healthz")).send().await.unwrap();
     assert_eq!(response.headers()["x-request-id"].len(), 36, "a request id is made up when none is given");
 
+    // The request id reaches the logs of the request and of the job it created.
+    let traced = server
+        .client
+        .post(server.url("/v1/jobs"))
+        .header("x-request-id", "req-trace-77")
+        .json(&json!({"numbers": [8], "strategy": "threads"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(traced.headers()["x-request-id"], "req-trace-77");
+    let traced: serde_json::Value = traced.json().await.unwrap();
+    server.wait_end(traced["id"].as_str().unwrap(), 30).await;
+    let log = server.log();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("req-trace-77")).collect();
+    assert!(lines.iter().any(|l| l.contains("job accepted")), "{lines:?}");
+    assert!(lines.iter().any(|l| l.contains("job succeeded")), "{lines:?}");
+
     let metrics = server.client.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
     for line in [
         "squared_jobs_submitted_total{strategy=\"processes\"} 1",
+        "squared_jobs_submitted_total{strategy=\"threads\"} 1",
         "squared_jobs_finished_total{status=\"succeeded\",strategy=\"processes\"} 1",
         "squared_worker_processes_spawned_total 2",
         "squared_cores_budget 2",
         "squared_cores_in_use 0",
         "squared_jobs_queued 0",
-        "squared_http_requests_total{route=\"/v1/jobs\",status=\"202\"} 1",
+        "squared_http_requests_total{route=\"/v1/jobs\",status=\"202\"} 2",
     ] {
         assert!(metrics.lines().any(|l| l == line), "missing {line:?} in\n{metrics}");
     }
