@@ -120,19 +120,42 @@ async fn service_endpoints_answer(backend: Backend) {
     assert!(lines.iter().any(|l| l.contains("job accepted")), "{lines:?}");
     assert!(lines.iter().any(|l| l.contains("job succeeded")), "{lines:?}");
 
-    let metrics = server.client.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    for line in [
-        "squared_jobs_submitted_total{strategy=\"processes\"} 1",
-        "squared_jobs_submitted_total{strategy=\"threads\"} 1",
-        "squared_jobs_finished_total{status=\"succeeded\",strategy=\"processes\"} 1",
-        "squared_worker_processes_spawned_total 2",
-        "squared_cores_budget 2",
-        "squared_cores_in_use 0",
-        "squared_jobs_queued 0",
-        "squared_http_requests_total{route=\"/v1/jobs\",status=\"202\"} 2",
-    ] {
-        assert!(metrics.lines().any(|l| l == line), "missing {line:?} in\n{metrics}");
+    // Parsed with a Prometheus text-format parser, checked after known work.
+    let text = server.client.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+    let value = |name: &str, labels: &[(&str, &str)]| -> f64 {
+        let sample = scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .unwrap_or_else(|| panic!("no {name} {labels:?} in\n{text}"));
+        match &sample.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => *v,
+            other => panic!("{name} is {other:?}"),
+        }
+    };
+    assert_eq!(value("squared_jobs_submitted_total", &[("strategy", "processes")]), 1.0);
+    assert_eq!(value("squared_jobs_submitted_total", &[("strategy", "threads")]), 1.0);
+    assert_eq!(value("squared_jobs_finished_total", &[("status", "succeeded"), ("strategy", "processes")]), 1.0);
+    assert_eq!(value("squared_worker_processes_spawned_total", &[]), 2.0);
+    assert_eq!(value("squared_worker_crashes_total", &[]), 0.0);
+    assert_eq!(value("squared_cores_budget", &[]), 2.0);
+    assert_eq!(value("squared_cores_in_use", &[]), 0.0);
+    assert_eq!(value("squared_jobs_queued", &[]), 0.0);
+    assert_eq!(value("squared_http_requests_total", &[("route", "/v1/jobs"), ("status", "202")]), 2.0);
+    let wall = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == "squared_job_wall_seconds" && s.labels.get("strategy") == Some("threads"));
+    match wall.map(|s| &s.value) {
+        Some(prometheus_parse::Value::Histogram(buckets)) => {
+            assert_eq!(buckets.last().unwrap().count, 1.0, "one threads job observed");
+        }
+        other => panic!("squared_job_wall_seconds is {other:?}"),
     }
+    assert!(scrape.samples.iter().any(|s| s.metric == "squared_http_request_seconds"));
 
     let served = server.client.get(server.url("/openapi.yaml")).send().await.unwrap().text().await.unwrap();
     let checked_in = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml")).unwrap();
