@@ -32,6 +32,8 @@ use crate::store::{ChunkRecord, Claim, ClaimedJob, Store, StoreResult};
 
 /// The fallback poll, for work that arrived without a wake-up.
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// How long an idle worker process stays warm before it is stopped.
+const POOL_IDLE: Duration = Duration::from_secs(2);
 /// How long a lane keeps retrying a store call through a database outage.
 const STORE_PATIENCE: Duration = Duration::from_secs(600);
 /// First retry delay after a worker crash; doubles per attempt.
@@ -172,6 +174,9 @@ pub struct Scheduler {
     wake: Arc<Notify>,
     /// Jobs with lanes on this node.
     running: Mutex<HashMap<Uuid, Arc<LocalJob>>>,
+    /// Idle worker processes kept warm for the next job (at most one per
+    /// core), with when each went idle; they exit after `POOL_IDLE`.
+    pool: Mutex<Vec<(Instant, Box<dyn Lane>)>>,
     runtime: Handle,
 }
 
@@ -186,6 +191,7 @@ impl Scheduler {
             config,
             wake: Arc::new(Notify::new()),
             running: Mutex::new(HashMap::new()),
+            pool: Mutex::new(Vec::new()),
             runtime: Handle::current(),
         })
     }
@@ -368,6 +374,31 @@ impl Scheduler {
         }
     }
 
+    /// Stops idle worker processes once they have been idle for `POOL_IDLE`,
+    /// and all of them when `stop` turns true.
+    pub async fn reap_idle_workers(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        loop {
+            let stopping = tokio::select! {
+                _ = tokio::time::sleep(POOL_IDLE / 4) => false,
+                _ = stop.wait_for(|s| *s) => true,
+            };
+            let expired: Vec<Box<dyn Lane>> = {
+                let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+                let (old, keep): (Vec<_>, Vec<_>) =
+                    pool.drain(..).partition(|(idle_since, _)| stopping || idle_since.elapsed() >= POOL_IDLE);
+                *pool = keep;
+                old.into_iter().map(|(_, lane)| lane).collect()
+            };
+            if !expired.is_empty() {
+                // Dropping a worker waits for it to exit: not on an async thread.
+                let _ = tokio::task::spawn_blocking(move || drop(expired)).await;
+            }
+            if stopping {
+                return;
+            }
+        }
+    }
+
     /// Graceful stop, after the claim loop has stopped (no new job starts
     /// here): local jobs get `grace` to finish; the rest are stopped and their
     /// chunks released (kept where stored, no attempt counted) for the next
@@ -391,6 +422,9 @@ impl Scheduler {
                 }
             }
         }
+        let idle: Vec<(Instant, Box<dyn Lane>)> =
+            self.pool.lock().unwrap_or_else(|p| p.into_inner()).drain(..).collect();
+        let _ = tokio::task::spawn_blocking(move || drop(idle)).await;
         match self.store.release_chunks(Some(&self.config.node)).await {
             Ok(0) => {}
             Ok(n) => info!(chunks = n, "released this node's unfinished chunks; their jobs are re-queued"),
@@ -513,8 +547,8 @@ impl LaneRun<'_> {
     }
 
     fn kind(&self) -> LaneKind {
-        match (self.job().strategy, self.job().transport) {
-            (Strategy::Processes, transport) => LaneKind::Process(transport.unwrap_or(Transport::SharedMemory)),
+        match self.job().strategy {
+            Strategy::Processes => LaneKind::Process,
             _ => LaneKind::Thread,
         }
     }
@@ -538,18 +572,41 @@ impl LaneRun<'_> {
         }
     }
 
-    fn start_worker(&self, index: usize) -> Result<Box<dyn Lane>, ExecError> {
-        let lane = exec::start_lane(self.kind(), index, &self.s.config.worker)?;
+    /// A worker for this lane: a warm one from the pool, or a new one. The
+    /// second value is how long starting it took (zero for a warm one).
+    fn start_worker(&self, index: usize) -> Result<(Box<dyn Lane>, Duration), ExecError> {
+        let kind = self.kind();
+        if kind == LaneKind::Process {
+            while let Some((_, mut warm)) = self.s.pool.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+                if warm.is_reusable() {
+                    if let Some(pid) = warm.pid() {
+                        self.control().register(pid);
+                    }
+                    return Ok((warm, Duration::ZERO));
+                }
+            }
+        }
+        let lane = exec::start_lane(kind, index, &self.s.config.worker)?;
         if let Some(pid) = lane.pid() {
             self.s.metrics.workers_spawned.inc();
             self.control().register(pid);
         }
-        Ok(lane)
+        let spawn = lane.spawn_time();
+        Ok((lane, spawn))
     }
 
-    fn retire(&self, lane: Box<dyn Lane>) {
+    /// Done with a worker: a healthy process goes back to the pool (while
+    /// it has room), anything else is stopped and reaped.
+    fn retire(&self, mut lane: Box<dyn Lane>) {
         if let Some(pid) = lane.pid() {
             self.control().unregister(pid);
+            if !self.control().stopped() && lane.is_reusable() {
+                let mut pool = self.s.pool.lock().unwrap_or_else(|p| p.into_inner());
+                if pool.len() < self.s.config.cores as usize {
+                    pool.push((Instant::now(), lane));
+                    return;
+                }
+            }
         }
         drop(lane); // reaps a worker process
     }
@@ -602,11 +659,10 @@ impl LaneRun<'_> {
         let job = self.job();
         let index = self.local.next_lane.fetch_add(1, Ordering::SeqCst);
         let Some(mut chunk) = self.next_chunk() else { return };
-        let mut worker = match self.start_worker(index) {
-            Ok(worker) => worker,
+        let (mut worker, mut spawn) = match self.start_worker(index) {
+            Ok(started) => started,
             Err(e) => return self.fail(&e),
         };
-        let mut spawn = worker.spawn_time();
         let mut inputs = StoreInputs { s, control: self.control(), job: job.id, cached: None };
         let strategy = Metrics::strategy(job.strategy.as_str());
         loop {
@@ -620,7 +676,13 @@ impl LaneRun<'_> {
                 spent: Duration::ZERO,
                 held: None,
             };
-            let work = ChunkWork { offset: chunk.offset, len: chunk.len, range: job.range, simulate: job.simulate };
+            let work = ChunkWork {
+                offset: chunk.offset,
+                len: chunk.len,
+                range: job.range,
+                simulate: job.simulate,
+                transport: job.transport.unwrap_or(Transport::SharedMemory),
+            };
             let outcome = match worker.run_chunk(&work, &mut inputs, &mut sink, &self.control().stop) {
                 Ok(outcome) => outcome,
                 Err(_) if self.control().reason().is_some() => break,
@@ -633,11 +695,12 @@ impl LaneRun<'_> {
                     };
                     self.retire(worker);
                     self.backoff(delay);
-                    worker = match self.start_worker(index) {
-                        Ok(worker) => worker,
+                    let (fresh, took) = match self.start_worker(index) {
+                        Ok(started) => started,
                         Err(e) => return self.fail(&e),
                     };
-                    spawn += worker.spawn_time();
+                    worker = fresh;
+                    spawn += took;
                     continue; // the same chunk, still ours
                 }
                 Err(e) => {

@@ -99,6 +99,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let scheduler_task = tokio::spawn(scheduler.clone().run(stopped.clone()));
     let heartbeat_task = tokio::spawn(scheduler.clone().heartbeat(stopped.clone()));
+    let pool_task = tokio::spawn(scheduler.clone().reap_idle_workers(stopped.clone()));
     let retention_task = tokio::spawn(retention(store.clone(), args.retention, stopped.clone()));
     let webhook_wake = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(crate::webhooks::run(
@@ -144,6 +145,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     scheduler.shutdown(args.shutdown_grace).await;
     let _ = retention_task.await;
     let _ = heartbeat_task.await;
+    let _ = pool_task.await;
     match tokio::time::timeout(std::time::Duration::from_secs(10), http).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => return Err(e).context("serving HTTP"),

@@ -21,12 +21,15 @@ fn tag(name: &str) -> String {
     format!("{name}_{}", std::process::id())
 }
 
+/// Starts the nodes at the same moment: migrations must be safe when they race.
 async fn start_cluster(db: &TestDatabase, nodes: usize) -> Vec<TestServer> {
-    let mut cluster = Vec::new();
-    for _ in 0..nodes {
-        cluster.push(TestServer::start_node(&db.url, &["--lease", "2s"]).await);
-    }
-    cluster
+    let starts = (0..nodes).map(|_| {
+        let url = db.url.clone();
+        tokio::task::spawn_blocking(move || {
+            tokio::runtime::Handle::current().block_on(TestServer::start_node(&url, &["--lease", "2s"]))
+        })
+    });
+    futures_util::future::join_all(starts).await.into_iter().map(|node| node.unwrap()).collect()
 }
 
 /// A job of the mix: tiny lists, and every tenth one a job wider than a node.

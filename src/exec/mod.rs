@@ -32,6 +32,8 @@ pub struct ChunkWork {
     /// Set for range jobs; list jobs read their numbers from [`Inputs`].
     pub range: Option<RangeSpec>,
     pub simulate: Simulate,
+    /// How a worker process hands squares back (thread lanes ignore it).
+    pub transport: Transport,
 }
 
 /// Where a list job's numbers are read from.
@@ -80,6 +82,10 @@ pub trait Lane: Send {
     fn pid(&self) -> Option<u32> {
         None
     }
+    /// Whether the worker can serve another job: a live, well-behaved process.
+    fn is_reusable(&mut self) -> bool {
+        false
+    }
     fn run_chunk(
         &mut self,
         work: &ChunkWork,
@@ -93,14 +99,14 @@ pub trait Lane: Send {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LaneKind {
     Thread,
-    Process(Transport),
+    Process,
 }
 
 /// Starts lane number `index` of a job.
 pub fn start_lane(kind: LaneKind, index: usize, command: &WorkerCommand) -> Result<Box<dyn Lane>, ExecError> {
     Ok(match kind {
         LaneKind::Thread => Box::new(ThreadLane::new(index)),
-        LaneKind::Process(transport) => Box::new(ProcessLane::spawn(command, transport)?),
+        LaneKind::Process => Box::new(ProcessLane::spawn(command)?),
     })
 }
 

@@ -97,7 +97,6 @@ pub struct ProcessLane {
     stdin: Option<ChildStdin>,
     stdout: ChildStdout,
     shm: SharedSlots,
-    transport: Transport,
     spawn_time: Duration,
     /// Receive buffer for squares that come through the pipe.
     buf: Vec<i64>,
@@ -107,7 +106,7 @@ pub struct ProcessLane {
 
 impl ProcessLane {
     /// Starts a worker and waits for its hello, so `spawn_time` covers exec and start-up.
-    pub fn spawn(command: &WorkerCommand, transport: Transport) -> Result<Self, ExecError> {
+    pub fn spawn(command: &WorkerCommand) -> Result<Self, ExecError> {
         let started = Instant::now();
         let shm = SharedSlots::create(SLOTS, SEGMENT_LEN as usize).map_err(ExecError::Spawn)?;
         let shm_fd = shm.raw_fd();
@@ -150,7 +149,6 @@ impl ProcessLane {
             stdin: Some(stdin),
             stdout,
             shm,
-            transport,
             spawn_time: Duration::ZERO,
             buf: Vec::new(),
             healthy: true,
@@ -229,6 +227,10 @@ impl Lane for ProcessLane {
         Some(self.pid)
     }
 
+    fn is_reusable(&mut self) -> bool {
+        self.healthy && matches!(self.child.try_wait(), Ok(None))
+    }
+
     fn run_chunk(
         &mut self,
         work: &ChunkWork,
@@ -236,7 +238,7 @@ impl Lane for ProcessLane {
         sink: &mut dyn Sink,
         cancel: &AtomicBool,
     ) -> Result<ChunkOutcome, ExecError> {
-        let shared = self.transport == Transport::SharedMemory;
+        let shared = work.transport == Transport::SharedMemory;
         // Pipe replies carry megabytes while requests may too: one in flight
         // keeps both sides from blocking on full pipes at once.
         let depth = if shared { SLOTS } else { 1 };

@@ -179,7 +179,33 @@ fn the_checked_in_openapi_yaml_matches_the_code() {
     }
 }
 
+async fn warm_workers_serve_the_next_job_and_exit_when_idle(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let workers_of = |doc: &serde_json::Value| -> std::collections::BTreeSet<String> {
+        doc["timing"]["chunks"].as_array().unwrap().iter().map(|c| c["worker"].as_str().unwrap().to_string()).collect()
+    };
+    let body =
+        json!({"range": {"start": 0, "end": 8}, "cores": 2, "strategy": "processes", "simulate": {"sleep_ms": 30}});
+    let first = server.wait_end(&server.submit(&body).await, 30).await;
+    assert!(first["timing"]["spawn_ms"].as_f64().unwrap() > 0.0, "{first}");
+    let second = server.wait_end(&server.submit(&body).await, 30).await;
+    assert_eq!(second["status"], "succeeded");
+    assert_eq!(second["timing"]["spawn_ms"].as_f64().unwrap(), 0.0, "warm workers cost no start-up: {second}");
+    assert!(
+        workers_of(&second).is_subset(&workers_of(&first)),
+        "{:?} vs {:?}",
+        workers_of(&second),
+        workers_of(&first)
+    );
+    assert!(
+        eventually(10, || worker_processes(&server).is_empty()).await,
+        "idle workers exit: {:?}",
+        worker_processes(&server)
+    );
+}
+
 crate::backend_tests!(
+    warm_workers_serve_the_next_job_and_exit_when_idle,
     a_restart_keeps_every_job_and_result,
     kill_9_during_a_processes_job_then_restart_completes_it_exactly_with_no_worker_left,
     a_worker_killed_mid_job_fails_the_job_naming_the_signal_and_leaves_no_zombie,
