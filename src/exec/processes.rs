@@ -102,6 +102,9 @@ pub struct ProcessLane {
     buf: Vec<i64>,
     /// Cleared when the worker misbehaved: it is killed, not asked to exit.
     healthy: bool,
+    /// Set while no request is outstanding: only such a worker may serve
+    /// another job (a stale reply would otherwise answer the next request).
+    idle: bool,
 }
 
 impl ProcessLane {
@@ -152,6 +155,7 @@ impl ProcessLane {
             spawn_time: Duration::ZERO,
             buf: Vec::new(),
             healthy: true,
+            idle: true,
         };
         let hello = lane.recv()?;
         if hello.kind != protocol::REPLY_HELLO {
@@ -228,7 +232,7 @@ impl Lane for ProcessLane {
     }
 
     fn is_reusable(&mut self) -> bool {
-        self.healthy && matches!(self.child.try_wait(), Ok(None))
+        self.healthy && self.idle && matches!(self.child.try_wait(), Ok(None))
     }
 
     fn run_chunk(
@@ -238,6 +242,7 @@ impl Lane for ProcessLane {
         sink: &mut dyn Sink,
         cancel: &AtomicBool,
     ) -> Result<ChunkOutcome, ExecError> {
+        self.idle = false;
         let shared = work.transport == Transport::SharedMemory;
         // Pipe replies carry megabytes while requests may too: one in flight
         // keeps both sides from blocking on full pipes at once.
@@ -299,6 +304,7 @@ impl Lane for ProcessLane {
             }
             free.push(slot);
         }
+        self.idle = true;
         Ok(ChunkOutcome { compute: Duration::from_nanos(compute_ns) })
     }
 }
