@@ -16,18 +16,21 @@
 //! - [`telemetry`]: tracing subscriber set-up (text or JSON logs).
 //! - [`domain`]: the parsed job request ([`domain::JobSpec`]), the chunk split,
 //!   job statuses and the job document clients see.
-//! - [`store`]: durable state: jobs, their inputs, chunks and result segments;
-//!   the only module that writes SQL.
-//! - [`scheduler`]: admits queued jobs within the node's core budget and runs
-//!   their chunks on an executor, storing each chunk's result as it completes.
+//! - [`store`]: durable state: jobs, their inputs, chunks, result segments,
+//!   webhooks and comparisons; one body of SQL for SQLite and PostgreSQL; the
+//!   only module that writes SQL.
+//! - [`scheduler`]: claims chunks within the node's core budget (leases,
+//!   heartbeats, rescue of a dead node's chunks), runs them on lanes, keeps a
+//!   warm pool of worker processes, and aborts jobs on cancel, timeout or shutdown.
 //! - [`exec`]: the three strategies behind one lane abstraction, the squaring
 //!   kernel, the worker wire protocol and shared memory.
 //! - [`worker`]: the hidden `squared worker` subprocess entry.
 //! - [`events`]: in-process notifications of job changes (long-poll wake-ups).
 //! - [`webhooks`]: signed, retried, SSRF-guarded delivery of final job documents.
 //! - [`metrics`]: Prometheus metrics registry.
-//! - [`api`]: the axum router, one module per resource, errors as RFC 9457
-//!   problem documents, and the generated OpenAPI document.
+//! - [`api`]: the axum router, one module per resource (jobs, results, events,
+//!   comparisons, health), API keys, errors as RFC 9457 problem documents, and
+//!   the generated OpenAPI document.
 //! - [`server`]: wires store, scheduler and HTTP together for `squared serve`.
 
 pub mod api;
