@@ -263,21 +263,22 @@ impl Scheduler {
         let lanes = claim.chunks.len();
         let (local, new) = {
             let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-            let mut new = false;
-            let local = running
-                .entry(id)
-                .or_insert_with(|| {
-                    new = true;
-                    Arc::new(LocalJob {
-                        job: claim.job.clone(),
-                        control: JobControl::new(),
-                        queue: Mutex::new(VecDeque::new()),
-                        lanes: AtomicUsize::new(0),
-                        next_lane: AtomicUsize::new(0),
-                        retry: Mutex::new(()),
-                    })
-                })
-                .clone();
+            // A job whose local run is stopping (aborted, or ended and claimed
+            // again) gets a fresh run: new claims must not join lanes that quit.
+            let reusable = running.get(&id).filter(|local| !local.control.stopped()).cloned();
+            let new = reusable.is_none();
+            let local = reusable.unwrap_or_else(|| {
+                let local = Arc::new(LocalJob {
+                    job: claim.job.clone(),
+                    control: JobControl::new(),
+                    queue: Mutex::new(VecDeque::new()),
+                    lanes: AtomicUsize::new(0),
+                    next_lane: AtomicUsize::new(0),
+                    retry: Mutex::new(()),
+                });
+                running.insert(id, local.clone());
+                local
+            });
             local.queue.lock().unwrap_or_else(|p| p.into_inner()).extend(claim.chunks);
             local.lanes.fetch_add(lanes, Ordering::SeqCst);
             (local, new)
@@ -293,11 +294,14 @@ impl Scheduler {
                 continue;
             };
             self.metrics.cores_in_use.inc();
-            let (this, local) = (self.clone(), local.clone());
+            let (this, lane_job) = (self.clone(), local.clone());
             let spawned =
-                std::thread::Builder::new().name("squared-lane".into()).spawn(move || this.run_lane(local, permit));
+                std::thread::Builder::new().name("squared-lane".into()).spawn(move || this.run_lane(lane_job, permit));
             if let Err(e) = spawned {
+                // Its chunk stays claimed until its lease runs out and it is rescued.
                 error!(job = %id, error = %e, "could not start a lane thread");
+                self.metrics.cores_in_use.dec();
+                self.lane_gone(&local);
             }
         }
     }
@@ -321,14 +325,26 @@ impl Scheduler {
             }
             let job = &local.job;
             let wall_ms = (now_micros() - job.started_at) as f64 / 1000.0;
-            match this.store.fail_job(job.id, &timeout_problem(job, wall_ms), now_micros()).await {
-                Ok(true) => {
-                    this.count_finished(job, JobStatus::Failed, wall_ms);
-                    info!(job = %job.id, wall_ms, "job timed out");
-                    this.events.publish(JobEvent { id: job.id, status: JobStatus::Failed, progress: None });
+            let problem = timeout_problem(job, wall_ms);
+            let mut delay = Duration::from_millis(100);
+            loop {
+                match this.store.fail_job(job.id, &problem, now_micros()).await {
+                    Ok(true) => {
+                        this.count_finished(job, JobStatus::Failed, wall_ms);
+                        info!(job = %job.id, wall_ms, "job timed out");
+                        this.events.publish(JobEvent { id: job.id, status: JobStatus::Failed, progress: None });
+                    }
+                    Ok(false) => {}
+                    // Keep trying through an outage: the lanes stop only once it is recorded.
+                    Err(e) if e.is_transient() => {
+                        warn!(job = %job.id, error = %e, "could not record a timeout yet; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                    Err(e) => error!(job = %job.id, error = %e, "could not record a timeout"),
                 }
-                Ok(false) => {}
-                Err(e) => warn!(job = %job.id, error = %e, "could not record a timeout; stopping the job here"),
+                break;
             }
             local.control.abort(Abort::Timeout);
         });
@@ -338,19 +354,23 @@ impl Scheduler {
     fn lane_gone(&self, local: &Arc<LocalJob>) {
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         if local.lanes.fetch_sub(1, Ordering::SeqCst) == 1 {
-            running.remove(&local.job.id);
+            // Only this run's entry: a fresh run of the job may have replaced it.
+            if running.get(&local.job.id).is_some_and(|entry| Arc::ptr_eq(entry, local)) {
+                running.remove(&local.job.id);
+            }
             drop(running);
             local.control.done.send_replace(true);
         }
     }
 
     /// Keeps this node's leases alive, stops local jobs that ended elsewhere,
-    /// and releases chunks whose node died. Returns when `shutdown` turns true.
-    pub async fn heartbeat(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+    /// and releases chunks whose node died. Returns when `halted` turns true:
+    /// after the shutdown's grace period, not at its start.
+    pub async fn heartbeat(self: Arc<Self>, mut halted: watch::Receiver<bool>) {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(self.config.heartbeat_interval()) => {}
-                _ = shutdown.wait_for(|s| *s) => return,
+                _ = halted.wait_for(|s| *s) => return,
             }
             let local: Vec<Uuid> = self.local_jobs().iter().map(|j| j.job.id).collect();
             match self.store.heartbeat(&self.config.node, self.lease_until(), &local).await {
@@ -363,7 +383,10 @@ impl Scheduler {
                 }
                 Err(e) => warn!(error = %e, "heartbeat failed; retrying"),
             }
-            match self.store.rescue_expired(now_micros()).await {
+            // A chunk is rescued once its lease has been expired for another
+            // whole lease: a heartbeat delayed behind a long write is not a death.
+            let cutoff = now_micros() - self.config.lease.as_micros() as i64;
+            match self.store.rescue_expired(cutoff).await {
                 Ok(0) => {}
                 Ok(n) => {
                     info!(chunks = n, "released chunks whose node stopped heartbeating");

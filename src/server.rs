@@ -36,8 +36,9 @@ fn hostname() -> String {
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let cores =
         args.max_cores.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32)).max(1);
-    let store =
-        Store::open(&args.database, 8).await.with_context(|| format!("opening the database {}", args.database))?;
+    let store = Store::open(&args.database, args.db_pool_size)
+        .await
+        .with_context(|| format!("opening the database {}", args.database))?;
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr()?;
     let node = args.node_name.clone().unwrap_or_else(|| format!("{}:{}", hostname(), addr.port()));
@@ -98,7 +99,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let webhook_config = state.webhooks.clone();
 
     let scheduler_task = tokio::spawn(scheduler.clone().run(stopped.clone()));
-    let heartbeat_task = tokio::spawn(scheduler.clone().heartbeat(stopped.clone()));
+    // The heartbeat outlives the grace period: leases of chunks still running
+    // during a shutdown must not lapse.
+    let (halt, halted) = watch::channel(false);
+    let heartbeat_task = tokio::spawn(scheduler.clone().heartbeat(halted));
     let pool_task = tokio::spawn(scheduler.clone().reap_idle_workers(stopped.clone()));
     let retention_task = tokio::spawn(retention(store.clone(), args.retention, stopped.clone()));
     let webhook_wake = Arc::new(tokio::sync::Notify::new());
@@ -143,6 +147,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let _ = stopping.wait_for(|s| *s).await;
     let _ = scheduler_task.await;
     scheduler.shutdown(args.shutdown_grace).await;
+    let _ = halt.send(true);
     let _ = retention_task.await;
     let _ = heartbeat_task.await;
     let _ = pool_task.await;

@@ -93,6 +93,8 @@ pub fn refused_reason(ip: IpAddr) -> Option<&'static str> {
                 Some("not a routable address")
             } else if a == 100 && (64..128).contains(&b) {
                 Some("a shared (carrier-grade NAT) address")
+            } else if (a == 192 && b == 0 && v4.octets()[2] == 0) || (a == 198 && (18..20).contains(&b)) {
+                Some("a reserved (protocol assignment or benchmarking) address")
             } else if v4.is_multicast() || a >= 240 {
                 Some("a multicast or reserved address")
             } else {
@@ -103,7 +105,20 @@ pub fn refused_reason(ip: IpAddr) -> Option<&'static str> {
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return refused_reason(IpAddr::V4(v4));
             }
-            let first = v6.segments()[0];
+            let seg = v6.segments();
+            let embedded =
+                |hi: u16, lo: u16| IpAddr::V4(std::net::Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo)));
+            // Prefixes that carry an IPv4 address inside: judge that address.
+            if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                return refused_reason(embedded(seg[6], seg[7])); // NAT64
+            }
+            if seg[..6] == [0; 6] && !v6.is_loopback() && !v6.is_unspecified() {
+                return Some("a deprecated IPv4-compatible address");
+            }
+            if seg[0] == 0x2002 {
+                return refused_reason(embedded(seg[1], seg[2]));
+            }
+            let first = seg[0];
             if v6.is_loopback() {
                 Some("a loopback address")
             } else if v6.is_unspecified() || v6.is_multicast() {
@@ -246,6 +261,8 @@ async fn post(store: &Store, config: &WebhookConfig, secret: &str, job: Uuid, ra
         .resolve(&lookup_host, addr)
         .timeout(DELIVERY_TIMEOUT)
         .redirect(reqwest::redirect::Policy::none())
+        // A proxy would connect wherever DNS says, not to the address checked.
+        .no_proxy()
         .build()
         .map_err(|e| Failure::Transient(format!("HTTP client: {e}")))?;
     let response = client

@@ -64,6 +64,7 @@ pub async fn job_events(
         last_status: None,
         pending: VecDeque::new(),
         closed: false,
+        next_poll: tokio::time::Instant::now() + FALLBACK_POLL,
     };
     stream.offer(doc);
     Ok(Sse::new(futures_util::stream::unfold(stream, EventStream::next)).keep_alive(KeepAlive::default()))
@@ -80,6 +81,8 @@ struct EventStream {
     pending: VecDeque<Event>,
     /// Set once `end` is queued (or the job vanished).
     closed: bool,
+    /// When to re-read the job even without a notification.
+    next_poll: tokio::time::Instant,
 }
 
 /// An event for `doc`. Ids are `2 × version` (status, progress) and
@@ -123,9 +126,13 @@ impl EventStream {
                     Err(RecvError::Lagged(_)) => true,
                     Err(RecvError::Closed) => return None,
                 },
-                _ = tokio::time::sleep(FALLBACK_POLL) => true,
+                // A fixed deadline: other jobs' events must not keep postponing it.
+                _ = tokio::time::sleep_until(self.next_poll) => true,
                 _ = self.shutdown.changed() => return None,
             };
+            if changed {
+                self.next_poll = tokio::time::Instant::now() + FALLBACK_POLL;
+            }
             if changed {
                 match self.app.store.job(self.id).await {
                     Ok(Some(doc)) => self.offer(doc),

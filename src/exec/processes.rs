@@ -192,22 +192,24 @@ impl ProcessLane {
     /// The worker broke the protocol: kill it and say so.
     fn broken(&mut self, what: String) -> ExecError {
         self.healthy = false;
+        // Killed, not reaped: the pid stays ours until Drop, after the
+        // scheduler has stopped tracking it, so no kill can reach a recycled pid.
         let _ = self.child.kill();
-        let _ = self.child.wait();
         ExecError::WorkerCrashed(format!("worker process {} broke the protocol: {what}", self.pid))
     }
 
-    /// The pipe to the worker failed: find out how the worker ended.
+    /// The pipe to the worker failed: find out how the worker ended, without
+    /// reaping it (see `broken`).
     fn crashed(&mut self, io: io::Error) -> ExecError {
         self.healthy = false;
         let deadline = Instant::now() + Duration::from_secs(2);
         let status = loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) => break Some(status),
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
-                _ => {
+            match peek_exit(self.pid, false) {
+                Some(status) => break Some(status),
+                None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                None => {
                     let _ = self.child.kill();
-                    break self.child.wait().ok();
+                    break peek_exit(self.pid, true);
                 }
             }
         };
@@ -216,6 +218,30 @@ impl ProcessLane {
             None => format!("worker process {} stopped answering: {io}", self.pid),
         })
     }
+}
+
+/// How child `pid` ended, if it has, leaving it unreaped (`WNOWAIT`);
+/// with `block`, waits for it to end.
+fn peek_exit(pid: u32, block: bool) -> Option<ExitStatus> {
+    // SAFETY: a zeroed siginfo_t is a valid out-parameter for waitid.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let flags = libc::WEXITED | libc::WNOWAIT | if block { 0 } else { libc::WNOHANG };
+    // SAFETY: waitid writes only into `info`.
+    if unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, flags) } != 0 {
+        return None;
+    }
+    // SAFETY: after a successful waitid with WEXITED, the child fields are set.
+    let (child, code, status) = unsafe { (info.si_pid(), info.si_code, info.si_status()) };
+    if child == 0 {
+        return None; // WNOHANG: still running
+    }
+    // Rebuild the wait(2) status word the standard library decodes.
+    let raw = match code {
+        libc::CLD_EXITED => (status & 0xff) << 8,
+        libc::CLD_DUMPED => (status & 0x7f) | 0x80,
+        _ => status & 0x7f,
+    };
+    Some(ExitStatus::from_raw(raw))
 }
 
 impl Lane for ProcessLane {

@@ -55,13 +55,14 @@ impl StoreError {
             sqlx::Error::Database(db) => db.code().is_some_and(|code| {
                 // PostgreSQL: connection exceptions (08…), shutdown and
                 // restart (57P…), serialisation and deadlock retries.
-                // SQLite: SQLITE_BUSY (5) and SQLITE_LOCKED (6).
+                // SQLite: SQLITE_BUSY (5) and SQLITE_LOCKED (6); sqlx reports
+                // extended codes, whose low byte is the primary code.
+                let sqlite_primary = code.parse::<i32>().ok().map(|c| c & 0xff);
                 code.starts_with("08")
                     || code.starts_with("57P")
                     || code == "40001"
                     || code == "40P01"
-                    || code == "5"
-                    || code == "6"
+                    || matches!(sqlite_primary, Some(5 | 6))
             }),
             _ => false,
         }

@@ -378,8 +378,13 @@ macro_rules! sql_store {
             }
 
             pub async fn claim(&self, node: &str, lanes: u32, lease_until: i64) -> StoreResult<Vec<Claim>> {
+                // Only jobs that can take a chunk now: below their cores, and not
+                // waiting behind a running job of their series.
                 let candidates: Vec<String> = sqlx::query_scalar(
-                    "SELECT id FROM jobs WHERE chunks_ready > 0 AND status IN ('queued', 'running') \
+                    "SELECT id FROM jobs j WHERE chunks_ready > 0 AND status IN ('queued', 'running') \
+                     AND chunks_running < CASE WHEN strategy = 'sequential' THEN 1 ELSE cores END \
+                     AND (series IS NULL OR status = 'running' OR NOT EXISTS \
+                     (SELECT 1 FROM jobs s WHERE s.series = j.series AND s.status = 'running')) \
                      ORDER BY priority DESC, created_at, id LIMIT $1",
                 )
                 .bind(CLAIM_CANDIDATES)
@@ -392,9 +397,15 @@ macro_rules! sql_store {
                         break;
                     }
                     let id = parse_uuid(&id)?;
-                    if let Some(claim) = self.claim_job(id, node, free, lease_until, true).await? {
-                        free -= claim.chunks.len() as u32;
-                        claims.push(claim);
+                    match self.claim_job(id, node, free, lease_until, true).await {
+                        Ok(Some(claim)) => {
+                            free -= claim.chunks.len() as u32;
+                            claims.push(claim);
+                        }
+                        Ok(None) => {}
+                        // One bad job must not stop every other job from being claimed.
+                        Err(e @ StoreError::Corrupt(_)) => tracing::error!(job = %id, error = %e, "skipping a job"),
+                        Err(e) => return Err(e),
                     }
                 }
                 Ok(claims)
@@ -487,6 +498,10 @@ macro_rules! sql_store {
                     })
                     .collect();
                 chunks.sort_by_key(|c| c.index);
+                if chunks.is_empty() {
+                    tx.rollback().await?;
+                    return Err(StoreError::Corrupt(format!("job {id} counts ready chunks it does not have")));
+                }
                 let got = chunks.len() as i64;
                 // Read the clock only now: the job's insert has committed, so
                 // its start is never before its creation.
@@ -503,9 +518,6 @@ macro_rules! sql_store {
                 .fetch_one(&mut *tx)
                 .await?;
                 tx.commit().await?;
-                if chunks.is_empty() {
-                    return Err(StoreError::Corrupt(format!("job {id} counts ready chunks it does not have")));
-                }
                 let range = match (row.get("range_start"), row.get("range_end"), row.get("range_step")) {
                     (Some(start), Some(end), Some(step)) => Some(RangeSpec { start, end, step }),
                     _ => None,
@@ -533,14 +545,20 @@ macro_rules! sql_store {
             }
 
             pub async fn heartbeat(&self, node: &str, lease_until: i64, local: &[Uuid]) -> StoreResult<Vec<Uuid>> {
-                sqlx::query("UPDATE chunks SET lease_until = $2 WHERE owner = $1 AND state = 'running'")
-                    .bind(node)
-                    .bind(lease_until)
-                    .execute(&self.writer)
-                    .await?;
                 if local.is_empty() {
                     return Ok(Vec::new());
                 }
+                // Only chunks of jobs with live lanes here: a chunk a lane let go
+                // of without finishing (its job stopped) must expire and be rescued.
+                let mut renew = QueryBuilder::<$db>::new("UPDATE chunks SET lease_until = ");
+                renew.push_bind(lease_until).push(" WHERE owner = ").push_bind(node.to_string());
+                renew.push(" AND state = 'running' AND job_id IN (");
+                let mut ids = renew.separated(", ");
+                for id in local {
+                    ids.push_bind(id.to_string());
+                }
+                renew.push(")");
+                renew.build().execute(&self.writer).await?;
                 let mut sql = QueryBuilder::<$db>::new("SELECT id FROM jobs WHERE status <> 'running' AND id IN (");
                 let mut ids = sql.separated(", ");
                 for id in local {
@@ -583,6 +601,20 @@ macro_rules! sql_store {
                     Release::All => query.bind(0i64),
                 };
                 let mut tx = self.writer.begin().await?;
+                if Self::DIALECT == Dialect::Postgres {
+                    // Job rows before chunk rows (in id order), as every other writer locks them.
+                    let lock = format!(
+                        "SELECT id FROM jobs WHERE status = 'running' AND id IN \
+                         (SELECT job_id FROM chunks WHERE state = 'running' AND {condition}) ORDER BY id FOR UPDATE"
+                    );
+                    let lock = sqlx::query(&lock);
+                    let lock = match which {
+                        Release::ExpiredBefore(now) => lock.bind(now),
+                        Release::Owner(owner) => lock.bind(owner.to_string()),
+                        Release::All => lock.bind(0i64),
+                    };
+                    lock.execute(&mut *tx).await?;
+                }
                 let rows = query.fetch_all(&mut *tx).await?;
                 let mut per_job = std::collections::BTreeMap::<String, i64>::new();
                 for row in &rows {
@@ -652,6 +684,10 @@ macro_rules! sql_store {
             ) -> StoreResult<Option<Completion>> {
                 let id_text = id.to_string();
                 let mut tx = self.writer.begin().await?;
+                if Self::DIALECT == Dialect::Postgres {
+                    // Job row before chunk rows, as every other writer locks them.
+                    sqlx::query("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE").bind(&id_text).execute(&mut *tx).await?;
+                }
                 let updated = sqlx::query(
                     "UPDATE chunks SET state = 'done', owner = NULL, lease_until = NULL, worker = $3, node = $4, \
                      start_ms = $5, duration_ms = $6, spawn_ms = $7, compute_ms = $8, store_ms = $9 \
