@@ -12,6 +12,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
@@ -27,6 +28,8 @@ use crate::domain::{Transport, SEGMENT_LEN};
 
 /// Shared-memory slots per worker: one being computed, one being stored.
 const SLOTS: usize = 2;
+/// How long a new worker may take to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// The descriptor number a worker finds its shared memory at.
 pub const SHM_FD: i32 = 3;
 
@@ -157,6 +160,10 @@ impl ProcessLane {
             healthy: true,
             idle: true,
         };
+        // A worker that never starts must not pin a lane (and its core) forever.
+        if !readable_within(lane.stdout.as_raw_fd(), HELLO_TIMEOUT) {
+            return Err(lane.broken(format!("did not start within {} s", HELLO_TIMEOUT.as_secs())));
+        }
         let hello = lane.recv()?;
         if hello.kind != protocol::REPLY_HELLO {
             return Err(lane.broken(format!("sent reply kind {} instead of hello", hello.kind)));
@@ -217,6 +224,22 @@ impl ProcessLane {
             Some(status) => describe_exit(self.pid, status),
             None => format!("worker process {} stopped answering: {io}", self.pid),
         })
+    }
+}
+
+/// Whether `fd` has data (or EOF) to read within `timeout`.
+fn readable_within(fd: std::os::fd::RawFd, timeout: Duration) -> bool {
+    let mut poll = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now()).as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd, for the duration of the call.
+        match unsafe { libc::poll(&mut poll, 1, left) } {
+            n if n > 0 => return true,
+            0 => return false,
+            _ if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => continue,
+            _ => return true, // let the read report the error
+        }
     }
 }
 

@@ -230,7 +230,7 @@ async fn sigterm_during_a_long_job_requeues_it_and_the_next_start_completes_it(b
     assert_eq!(doc["status"], "succeeded", "{doc}");
     assert_eq!(doc["attempts"], 1, "a shutdown is not a failed attempt");
     assert_eq!(server.squares(&id).await, squares_of(&numbers));
-    assert!(server.log().contains("re-queued"), "the log says what happened");
+    assert!(server.log().contains("re-queue"), "the log says what happened: {}", server.log());
 }
 
 async fn a_job_that_finishes_within_the_grace_period_is_not_interrupted(backend: Backend) {
