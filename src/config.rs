@@ -132,16 +132,6 @@ pub struct ServeArgs {
     pub worker_exe: Option<PathBuf>,
 }
 
-impl ServeArgs {
-    /// Options with every default, as `squared serve` with no flags would have.
-    pub fn defaults() -> Self {
-        match Cli::parse_from(["squared", "serve"]).command {
-            Command::Serve(args) => *args,
-            _ => unreachable!("parsed `serve`"),
-        }
-    }
-}
-
 /// Parses a duration such as `250ms`, `30s`, `15m`, `24h` or `7d` (a bare number is seconds).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();

@@ -4,14 +4,14 @@
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
-use crate::domain::{JobStatus, Progress};
+use crate::domain::JobStatus;
 
 /// One change of one job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct JobEvent {
     pub id: Uuid,
+    /// The status after the change (the store has the rest).
     pub status: JobStatus,
-    pub progress: Option<Progress>,
 }
 
 /// A broadcast hub. A subscriber that falls behind sees `Lagged` and must

@@ -284,7 +284,7 @@ impl Scheduler {
             (local, new)
         };
         if new {
-            self.events.publish(JobEvent { id, status: JobStatus::Running, progress: None });
+            self.events.publish(JobEvent { id, status: JobStatus::Running });
             self.watch_deadline(&local);
         }
         for _ in 0..lanes {
@@ -332,7 +332,7 @@ impl Scheduler {
                     Ok(true) => {
                         this.count_finished(job, JobStatus::Failed, wall_ms);
                         info!(job = %job.id, wall_ms, "job timed out");
-                        this.events.publish(JobEvent { id: job.id, status: JobStatus::Failed, progress: None });
+                        this.events.publish(JobEvent { id: job.id, status: JobStatus::Failed });
                     }
                     Ok(false) => {}
                     // Keep trying through an outage: the lanes stop only once it is recorded.
@@ -644,7 +644,7 @@ impl LaneRun<'_> {
                 let wall_ms = (now_micros() - job.started_at) as f64 / 1000.0;
                 s.count_finished(job, JobStatus::Failed, wall_ms);
                 info!(job = %job.id, error = %e, "job failed");
-                s.events.publish(JobEvent { id: job.id, status: JobStatus::Failed, progress: None });
+                s.events.publish(JobEvent { id: job.id, status: JobStatus::Failed });
             }
             Ok(false) => {}
             Err(store) => error!(job = %job.id, error = %store, failure = %e, "could not record a job's failure"),
@@ -758,7 +758,7 @@ impl LaneRun<'_> {
                         }
                         None => JobStatus::Running,
                     };
-                    s.events.publish(JobEvent { id: job.id, status, progress: Some(done.progress) });
+                    s.events.publish(JobEvent { id: job.id, status });
                 }
                 Ok(None) => {} // the chunk was taken from us (the job ended, or our lease lapsed)
                 Err(e) => {

@@ -216,7 +216,7 @@ async fn listen(store: PgStore, scheduler: Arc<Scheduler>, events: Events, mut s
                         let id = parts.next().and_then(|id| uuid::Uuid::parse_str(id).ok());
                         let status = parts.next().and_then(JobStatus::parse);
                         if let (Some(id), Some(status)) = (id, status) {
-                            events.publish(JobEvent { id, status, progress: None });
+                            events.publish(JobEvent { id, status });
                         }
                     }
                     Ok(_) => {}

@@ -381,7 +381,7 @@ pub async fn cancel_job(State(app): State<AppState>, Path(id): Path<String>) -> 
                 // Answer once the workers here are stopped (bounded: never hang a client).
                 let _ = tokio::time::timeout(Duration::from_secs(10), control.finished()).await;
             }
-            app.events.publish(crate::events::JobEvent { id, status: JobStatus::Canceled, progress: None });
+            app.events.publish(crate::events::JobEvent { id, status: JobStatus::Canceled });
         }
     }
     Ok(Json(app.store.job(id).await?.ok_or_else(|| not_found(id))?))
