@@ -160,6 +160,8 @@ struct LocalJob {
     next_lane: AtomicUsize,
     /// Serialises retry decisions between this job's lanes.
     retry: Mutex<()>,
+    /// The job's input when the claim brought it (see `Claim::input`).
+    input: Option<Vec<i64>>,
 }
 
 /// Shared by the claim loop, the lanes, the heartbeat and the API.
@@ -172,6 +174,8 @@ pub struct Scheduler {
     cores: Arc<Semaphore>,
     /// Wakes the claim loop: new work, or cores returned.
     wake: Arc<Notify>,
+    /// Set once the node shuts down: lanes stop claiming new work.
+    draining: AtomicBool,
     /// Jobs with lanes on this node.
     running: Mutex<HashMap<Uuid, Arc<LocalJob>>>,
     /// Idle worker processes kept warm for the next job (at most one per
@@ -190,6 +194,7 @@ impl Scheduler {
             cores: Arc::new(Semaphore::new(config.cores as usize)),
             config,
             wake: Arc::new(Notify::new()),
+            draining: AtomicBool::new(false),
             running: Mutex::new(HashMap::new()),
             pool: Mutex::new(Vec::new()),
             runtime: Handle::current(),
@@ -219,6 +224,7 @@ impl Scheduler {
         let mut backoff = Duration::from_millis(100);
         loop {
             if *shutdown.borrow() {
+                self.draining.store(true, Ordering::SeqCst);
                 return;
             }
             match self.claim_and_start().await {
@@ -259,34 +265,8 @@ impl Scheduler {
 
     /// Starts one lane per claimed chunk, joining the job's local state.
     fn start_lanes(self: &Arc<Self>, claim: Claim) {
-        let id = claim.job.id;
-        let lanes = claim.chunks.len();
-        let (local, new) = {
-            let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-            // A job whose local run is stopping (aborted, or ended and claimed
-            // again) gets a fresh run: new claims must not join lanes that quit.
-            let reusable = running.get(&id).filter(|local| !local.control.stopped()).cloned();
-            let new = reusable.is_none();
-            let local = reusable.unwrap_or_else(|| {
-                let local = Arc::new(LocalJob {
-                    job: claim.job.clone(),
-                    control: JobControl::new(),
-                    queue: Mutex::new(VecDeque::new()),
-                    lanes: AtomicUsize::new(0),
-                    next_lane: AtomicUsize::new(0),
-                    retry: Mutex::new(()),
-                });
-                running.insert(id, local.clone());
-                local
-            });
-            local.queue.lock().unwrap_or_else(|p| p.into_inner()).extend(claim.chunks);
-            local.lanes.fetch_add(lanes, Ordering::SeqCst);
-            (local, new)
-        };
-        if new {
-            self.events.publish(JobEvent { id, status: JobStatus::Running });
-            self.watch_deadline(&local);
-        }
+        let (id, lanes) = (claim.job.id, claim.chunks.len());
+        let local = self.join(claim);
         for _ in 0..lanes {
             let Ok(permit) = self.cores.clone().try_acquire_owned() else {
                 error!(job = %id, "claimed more chunks than free cores");
@@ -304,6 +284,40 @@ impl Scheduler {
                 self.lane_gone(&local);
             }
         }
+    }
+
+    /// Joins a claim to the job's local state (a new run unless a live one
+    /// exists), with one lane counted per claimed chunk; the caller runs them.
+    fn join(self: &Arc<Self>, claim: Claim) -> Arc<LocalJob> {
+        let (id, lanes) = (claim.job.id, claim.chunks.len());
+        let (local, new) = {
+            let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+            // A job whose local run is stopping (aborted, or ended and claimed
+            // again) gets a fresh run: new claims must not join lanes that quit.
+            let reusable = running.get(&id).filter(|local| !local.control.stopped()).cloned();
+            let new = reusable.is_none();
+            let local = reusable.unwrap_or_else(|| {
+                let local = Arc::new(LocalJob {
+                    job: claim.job.clone(),
+                    control: JobControl::new(),
+                    queue: Mutex::new(VecDeque::new()),
+                    lanes: AtomicUsize::new(0),
+                    next_lane: AtomicUsize::new(0),
+                    retry: Mutex::new(()),
+                    input: claim.input,
+                });
+                running.insert(id, local.clone());
+                local
+            });
+            local.queue.lock().unwrap_or_else(|p| p.into_inner()).extend(claim.chunks);
+            local.lanes.fetch_add(lanes, Ordering::SeqCst);
+            (local, new)
+        };
+        if new {
+            self.events.publish(JobEvent { id, status: JobStatus::Running });
+            self.watch_deadline(&local);
+        }
+        local
     }
 
     /// Times the job out at its deadline: the smaller of its `timeout_ms` and
@@ -487,18 +501,52 @@ impl Scheduler {
         self.metrics.job_wall_seconds.get_or_create(&Metrics::strategy(strategy)).observe(wall_ms / 1000.0);
     }
 
-    /// A lane: starts a worker, then runs chunks of one job until none are left.
-    fn run_lane(&self, local: Arc<LocalJob>, permit: OwnedSemaphorePermit) {
-        // Every log line of the lane names the job and the request that created it.
-        let request_id = local.job.request_id.as_deref().unwrap_or("");
-        let span = tracing::info_span!("job", job = %local.job.id, request_id = %request_id);
-        let _entered = span.enter();
-        let lane = LaneRun { s: self, local: &local };
-        lane.run();
+    /// A lane: starts a worker, then runs chunks of one job until none are
+    /// left; then claims the next work itself, keeping its core, until there
+    /// is none (the claim loop takes over from there).
+    fn run_lane(self: &Arc<Self>, local: Arc<LocalJob>, permit: OwnedSemaphorePermit) {
+        let mut local = local;
+        loop {
+            {
+                // Every log line of the lane names the job and the request that created it.
+                let request_id = local.job.request_id.as_deref().unwrap_or("");
+                let span = tracing::info_span!("job", job = %local.job.id, request_id = %request_id);
+                let _entered = span.enter();
+                LaneRun { s: self, local: &local }.run();
+            }
+            self.lane_gone(&local);
+            match self.claim_for_lane() {
+                Some(next) => local = next,
+                None => break,
+            }
+        }
         drop(permit);
         self.metrics.cores_in_use.dec();
-        self.lane_gone(&local);
         self.wake();
+    }
+
+    /// One chunk of whichever job is next, for a lane that finished its job:
+    /// a core handed from job to job this way costs no thread and no trip
+    /// through the claim loop. `None` when there is no work, the node is
+    /// draining, or the claim failed (the claim loop retries).
+    fn claim_for_lane(self: &Arc<Self>) -> Option<Arc<LocalJob>> {
+        if self.draining.load(Ordering::SeqCst) {
+            return None;
+        }
+        let claims = match self.runtime.block_on(self.store.claim(&self.config.node, 1, self.lease_until())) {
+            Ok(claims) => claims,
+            Err(e) => {
+                warn!(error = %e, "a lane could not claim work; leaving it to the claim loop");
+                return None;
+            }
+        };
+        let mut claims = claims.into_iter();
+        let claim = claims.next()?;
+        for extra in claims {
+            // One lane asked for one chunk; should more come, they get lanes of their own.
+            self.start_lanes(extra);
+        }
+        Some(self.join(claim))
     }
 }
 
@@ -686,7 +734,8 @@ impl LaneRun<'_> {
             Ok(started) => started,
             Err(e) => return self.fail(&e),
         };
-        let mut inputs = StoreInputs { s, control: self.control(), job: job.id, cached: None };
+        let cached = self.local.input.clone().map(|numbers| (0, numbers));
+        let mut inputs = StoreInputs { s, control: self.control(), job: job.id, cached };
         let strategy = Metrics::strategy(job.strategy.as_str());
         loop {
             let chunk_start = now_micros();

@@ -12,7 +12,6 @@ use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures_util::Stream;
-use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -20,7 +19,7 @@ use super::error::ApiError;
 use super::jobs::{not_found, parse_id};
 use super::AppState;
 use crate::domain::{JobDocument, JobStatus};
-use crate::events::JobEvent;
+use crate::events::JobWatch;
 
 /// Re-read the job this often even without a notification (a lost wake-up
 /// costs at most this much delay).
@@ -52,8 +51,8 @@ pub async fn job_events(
     // An event id is 2 × the job version it showed (+1 for `end`).
     let last_seen =
         headers.get("last-event-id").and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok()).map(|id| id / 2);
-    // Subscribe before the first read, so no change slips between them.
-    let events = app.events.subscribe();
+    // Watch before the first read, so no change slips between them.
+    let events = app.events.watch(id);
     let doc = app.store.job(id).await?.ok_or_else(|| not_found(id))?;
     let mut stream = EventStream {
         app: app.clone(),
@@ -73,7 +72,7 @@ pub async fn job_events(
 struct EventStream {
     app: AppState,
     id: Uuid,
-    events: broadcast::Receiver<JobEvent>,
+    events: JobWatch,
     shutdown: watch::Receiver<bool>,
     /// The version of the last document sent (or the client's Last-Event-ID).
     sent_version: Option<u64>,
@@ -120,26 +119,17 @@ impl EventStream {
             if self.closed || *self.shutdown.borrow() {
                 return None;
             }
-            let changed = tokio::select! {
-                received = self.events.recv() => match received {
-                    Ok(event) => event.id == self.id,
-                    Err(RecvError::Lagged(_)) => true,
-                    Err(RecvError::Closed) => return None,
-                },
-                // A fixed deadline: other jobs' events must not keep postponing it.
-                _ = tokio::time::sleep_until(self.next_poll) => true,
+            tokio::select! {
+                _ = self.events.changed() => {}
+                _ = tokio::time::sleep_until(self.next_poll) => {}
                 _ = self.shutdown.changed() => return None,
-            };
-            if changed {
-                self.next_poll = tokio::time::Instant::now() + FALLBACK_POLL;
             }
-            if changed {
-                match self.app.store.job(self.id).await {
-                    Ok(Some(doc)) => self.offer(doc),
-                    Ok(None) => return None, // deleted
-                    Err(e) => {
-                        tracing::warn!(job = %self.id, error = %e, "event stream could not read the job");
-                    }
+            self.next_poll = tokio::time::Instant::now() + FALLBACK_POLL;
+            match self.app.store.job(self.id).await {
+                Ok(Some(doc)) => self.offer(doc),
+                Ok(None) => return None, // deleted
+                Err(e) => {
+                    tracing::warn!(job = %self.id, error = %e, "event stream could not read the job");
                 }
             }
         }

@@ -12,7 +12,6 @@ use axum::{Json, Router};
 use http_body_util::BodyExt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tokio::sync::broadcast::error::RecvError;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -228,31 +227,21 @@ pub async fn get_job(
             _ => return Err(ApiError::bad_parameter(key, "is not a known parameter")),
         }
     }
-    // Subscribe before reading, so an end between the read and the wait is not missed.
-    let mut events = app.events.subscribe();
+    // Watch before reading, so an end between the read and the wait is not missed.
+    let mut watch = app.events.watch(id);
     let doc = app.store.job(id).await?.ok_or_else(|| not_found(id))?;
     if doc.status.is_final() || wait == 0.0 {
         return Ok(Json(doc));
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(wait);
     let mut shutdown = app.shutdown.clone();
-    loop {
-        if *shutdown.borrow() {
-            break; // answer now: a shutdown drains requests
-        }
-        let received = tokio::select! {
-            received = tokio::time::timeout_at(deadline, events.recv()) => received,
-            _ = shutdown.changed() => break,
-        };
-        match received {
-            Err(_) | Ok(Err(RecvError::Closed)) => break,
-            Ok(Ok(event)) if event.id == id && event.status.is_final() => break,
-            Ok(Ok(_)) => {}
-            Ok(Err(RecvError::Lagged(_))) => {
-                if app.store.status(id).await?.is_none_or(JobStatus::is_final) {
-                    break;
-                }
-            }
+    while !*shutdown.borrow() {
+        tokio::select! {
+            changed = tokio::time::timeout_at(deadline, watch.changed()) => match changed {
+                Ok(status) if !status.is_final() => {}
+                _ => break, // ended, or the wait is over
+            },
+            _ = shutdown.changed() => break, // answer now: a shutdown drains requests
         }
     }
     Ok(Json(app.store.job(id).await?.ok_or_else(|| not_found(id))?))

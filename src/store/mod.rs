@@ -9,13 +9,15 @@
 //! is `done` is never run again. The node that completes a job's last chunk
 //! ends the job.
 //!
-//! Two backends share one body of SQL ([`sql`]): SQLite (one machine, the
-//! default) and PostgreSQL (several nodes on one database, claiming with
-//! `FOR UPDATE SKIP LOCKED`, woken by LISTEN/NOTIFY).
+//! Two backends share one text of SQL ([`sql`]): SQLite (one machine, the
+//! default; writes run on one thread in batched transactions, see
+//! [`sqlite_writer`]) and PostgreSQL (several nodes on one database, claiming
+//! with `FOR UPDATE SKIP LOCKED`, woken by LISTEN/NOTIFY).
 
 mod postgres;
 mod sql;
 mod sqlite;
+mod sqlite_writer;
 
 use std::collections::BTreeMap;
 
@@ -27,6 +29,7 @@ use crate::domain::{
 };
 
 pub use postgres::PgStore;
+use sql::Release;
 pub use sql::{JOBS_CHANNEL, WORK_CHANNEL};
 pub use sqlite::SqliteStore;
 
@@ -35,6 +38,10 @@ pub use sqlite::SqliteStore;
 pub enum StoreError {
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("SQLite writer: {0}")]
+    Writer(String),
     #[error("migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored data is corrupt: {0}")]
@@ -49,6 +56,9 @@ impl StoreError {
     /// Whether retrying later may succeed: the database is unreachable,
     /// restarting, or busy, rather than the request being wrong.
     pub fn is_transient(&self) -> bool {
+        if let StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) = self {
+            return matches!(e.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked);
+        }
         let StoreError::Database(e) = self else { return false };
         match e {
             sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) => true,
@@ -147,6 +157,9 @@ pub struct ClaimedJob {
 pub struct Claim {
     pub job: ClaimedJob,
     pub chunks: Vec<ChunkPlan>,
+    /// The job's whole input, read with the claim, when it is a list that
+    /// fits one segment (every tiny job): its lanes need not read it again.
+    pub input: Option<Vec<i64>>,
 }
 
 /// What a finished chunk reports.
@@ -272,10 +285,6 @@ delegate! {
     fn claim_next(&self, id: Uuid, node: &str, lease_until: i64) -> StoreResult<Option<ChunkPlan>>;
     /// Extends the leases of `node`'s chunks; returns which of `local` jobs are no longer running.
     fn heartbeat(&self, node: &str, lease_until: i64, local: &[Uuid]) -> StoreResult<Vec<Uuid>>;
-    /// Releases running chunks whose lease expired (their node died); returns how many.
-    fn rescue_expired(&self, now: i64) -> StoreResult<u64>;
-    /// Releases the running chunks of `owner` (every owner for `None`); returns how many.
-    fn release_chunks(&self, owner: Option<&str>) -> StoreResult<u64>;
     /// The stored input segment starting at `pos` (a multiple of the segment length).
     fn input_segment(&self, id: Uuid, pos: u64) -> StoreResult<Vec<i64>>;
     /// Stores one result segment while `node` owns the chunk; false once it does not.
@@ -310,6 +319,27 @@ delegate! {
 }
 
 impl Store {
+    /// Puts running chunks back to pending (in jobs still running); returns how many.
+    async fn release_where(&self, which: Release<'_>) -> StoreResult<u64> {
+        match self {
+            Store::Sqlite(s) => s.release_where(which).await,
+            Store::Postgres(s) => s.release_where(which).await,
+        }
+    }
+
+    /// Releases running chunks whose lease expired (their node died); returns how many.
+    pub async fn rescue_expired(&self, now: i64) -> StoreResult<u64> {
+        self.release_where(Release::ExpiredBefore(now)).await
+    }
+
+    /// Releases the running chunks of `owner` (every owner for `None`); returns how many.
+    pub async fn release_chunks(&self, owner: Option<&str>) -> StoreResult<u64> {
+        match owner {
+            Some(owner) => self.release_where(Release::Owner(owner)).await,
+            None => self.release_where(Release::All).await,
+        }
+    }
+
     /// Opens the database at `url` (`sqlite://PATH`, created when missing, or
     /// `postgres://…`) and applies its migrations.
     pub async fn open(url: &str, pool_size: u32) -> StoreResult<Store> {

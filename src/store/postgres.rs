@@ -13,8 +13,8 @@ use uuid::Uuid;
 use super::sql::*;
 use super::*;
 use crate::domain::{
-    rfc3339, AttemptError, Callback, ChunkTiming, DeliveryAttempt, Input, JobLinks, Problem, Progress, RequestEcho,
-    Timing, SEGMENT_LEN,
+    rfc3339, Callback, ChunkTiming, DeliveryAttempt, Input, JobLinks, Problem, Progress, RequestEcho, Timing,
+    SEGMENT_LEN,
 };
 use crate::exec::le_bytes;
 
@@ -28,8 +28,6 @@ pub struct PgStore {
 }
 
 impl PgStore {
-    const DIALECT: Dialect = Dialect::Postgres;
-
     /// Connects (a pool of `pool_size`) and applies migrations.
     pub async fn open(url: &str, pool_size: u32) -> StoreResult<Self> {
         let pool = PgPoolOptions::new()
@@ -49,4 +47,497 @@ impl PgStore {
     }
 }
 
-sql_store!(PgStore, Postgres);
+sql_reads!(PgStore, Postgres);
+
+/// The writes, in sqlx transactions; rows are locked job row first, then its
+/// chunks (in id order when several jobs), as every writer here does.
+impl PgStore {
+    pub async fn insert_job(&self, job: &NewJob<'_>) -> StoreResult<Inserted> {
+        let spec = job.spec;
+        let echo = serde_json::to_string(&spec.echo()).expect("the echo serialises");
+        let range = match &spec.input {
+            Input::Range(r) => Some(*r),
+            Input::List(_) => None,
+        };
+        let id = job.id.to_string();
+        let mut tx = self.writer.begin().await?;
+        if let Some(key) = &job.idempotency {
+            // Serialises submissions under one key across nodes.
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))").bind(&key.key).execute(&mut *tx).await?;
+            let known =
+                sqlx::query(q::IDEMPOTENCY_GET).bind(&key.key).bind(job.created_at).fetch_optional(&mut *tx).await?;
+            if let Some(known) = known {
+                let hash: String = known.get("body_hash");
+                return Ok(match hash == key.body_hash {
+                    true => Inserted::Existing(parse_uuid(known.get("job_id"))?),
+                    false => Inserted::KeyReused,
+                });
+            }
+            sqlx::query(q::IDEMPOTENCY_PUT)
+                .bind(&key.key)
+                .bind(&key.body_hash)
+                .bind(&id)
+                .bind(key.expires_at)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if let Some(max) = job.max_queued {
+            let queued: i64 = sqlx::query_scalar(q::QUEUED_COUNT).fetch_one(&mut *tx).await?;
+            if queued as u64 >= max {
+                return Ok(Inserted::QueueFull);
+            }
+        }
+        sqlx::query(q::INSERT_JOB)
+            .bind(&id)
+            .bind(spec.priority as i64)
+            .bind(job.created_at)
+            .bind(spec.count as i64)
+            .bind(spec.cores as i64)
+            .bind(spec.strategy.as_str())
+            .bind(spec.transport.map(Transport::as_str))
+            .bind(spec.simulate.sleep_ms as i64)
+            .bind(spec.simulate.spin as i64)
+            .bind(range.map(|r| r.start))
+            .bind(range.map(|r| r.end))
+            .bind(range.map(|r| r.step))
+            .bind(job.chunks.len() as i64)
+            .bind(spec.max_attempts as i64)
+            .bind(spec.timeout_ms.map(|t| t as i64))
+            .bind(echo)
+            .bind(spec.callback_url.as_deref())
+            .bind(job.series.map(|s| s.to_string()))
+            .bind(job.request_id.as_deref())
+            .execute(&mut *tx)
+            .await?;
+        for (key, value) in &spec.metadata {
+            sqlx::query(q::INSERT_METADATA).bind(&id).bind(key).bind(value).execute(&mut *tx).await?;
+        }
+        if let Input::List(numbers) = &spec.input {
+            for (i, segment) in numbers.chunks(SEGMENT_LEN as usize).enumerate() {
+                sqlx::query(q::INSERT_INPUT)
+                    .bind(&id)
+                    .bind((i as u64 * SEGMENT_LEN) as i64)
+                    .bind(&*le_bytes(segment))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        for batch in job.chunks.chunks(INSERT_BATCH) {
+            let mut insert = QueryBuilder::<Postgres>::new("INSERT INTO chunks (job_id, idx, pos, len) ");
+            insert.push_values(batch, |mut row, chunk| {
+                row.push_bind(id.clone())
+                    .push_bind(chunk.index as i64)
+                    .push_bind(chunk.offset as i64)
+                    .push_bind(chunk.len as i64);
+            });
+            insert.build().execute(&mut *tx).await?;
+        }
+        notify(&mut tx, WORK_CHANNEL, "").await?;
+        tx.commit().await?;
+        Ok(Inserted::New)
+    }
+
+    pub async fn claim_webhooks(&self, now: i64, limit: u32, lease: i64) -> StoreResult<Vec<(Uuid, String, u32)>> {
+        let rows = sqlx::query(&claim_webhooks_sql(" FOR UPDATE SKIP LOCKED"))
+            .bind(now)
+            .bind(limit as i64)
+            .bind(lease)
+            .fetch_all(&self.writer)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((parse_uuid(r.get("job_id"))?, r.get("url"), r.get::<i64, _>("attempts") as u32)))
+            .collect()
+    }
+
+    pub async fn record_webhook(
+        &self,
+        id: Uuid,
+        attempt: &DeliveryAttempt,
+        outcome: WebhookOutcome,
+    ) -> StoreResult<()> {
+        let id_text = id.to_string();
+        let mut tx = self.writer.begin().await?;
+        let history: Option<String> = sqlx::query_scalar(&format!("{} FOR UPDATE", q::WEBHOOK_HISTORY))
+            .bind(&id_text)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(history) = history else { return Ok(()) }; // the job was deleted
+        let (state, attempts, next_at, history) = webhook_record(&history, attempt, outcome)?;
+        sqlx::query(q::WEBHOOK_RECORD)
+            .bind(&id_text)
+            .bind(state)
+            .bind(attempts)
+            .bind(next_at)
+            .bind(history)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(q::BUMP_VERSION).bind(&id_text).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn claim(&self, node: &str, lanes: u32, lease_until: i64) -> StoreResult<Vec<Claim>> {
+        let candidates: Vec<String> =
+            sqlx::query_scalar(&claim_candidates_sql("jobs j")).bind(CLAIM_WINDOW).fetch_all(&self.writer).await?;
+        let mut claims = Vec::new();
+        let mut free = lanes;
+        for id in candidates {
+            if free == 0 {
+                break;
+            }
+            let id = parse_uuid(&id)?;
+            match self.claim_job(id, node, free, lease_until, true).await {
+                Ok(Some(claim)) => {
+                    free -= claim.chunks.len() as u32;
+                    claims.push(claim);
+                }
+                Ok(None) => {}
+                // One bad job must not stop every other job from being claimed.
+                Err(e @ StoreError::Corrupt(_)) => tracing::error!(job = %id, error = %e, "skipping a job"),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(claims)
+    }
+
+    pub async fn claim_next(&self, id: Uuid, node: &str, lease_until: i64) -> StoreResult<Option<ChunkPlan>> {
+        let claim = self.claim_job(id, node, 1, lease_until, false).await?;
+        Ok(claim.and_then(|c| c.chunks.into_iter().next()))
+    }
+
+    /// Claims up to `max` chunks of one job in one transaction, with the
+    /// job's row locked. With `skip_locked` (the claim loop's scan), a job
+    /// another claim holds is skipped instead of waited for.
+    async fn claim_job(
+        &self,
+        id: Uuid,
+        node: &str,
+        max: u32,
+        lease_until: i64,
+        skip_locked: bool,
+    ) -> StoreResult<Option<Claim>> {
+        let id_text = id.to_string();
+        let mut tx = self.writer.begin().await?;
+        let lock = if skip_locked { " FOR UPDATE SKIP LOCKED" } else { " FOR UPDATE" };
+        let row = sqlx::query(&format!("{}{lock}", q::CLAIMABLE_JOB)).bind(&id_text).fetch_optional(&mut *tx).await?;
+        let Some(row) = row else { return Ok(None) };
+        let series: Option<String> = row.get("series");
+        if let (Some(series), "queued") = (series, row.get::<String, _>("status").as_str()) {
+            // A series runs one job at a time: start this one only when
+            // no other is running (serialised across nodes by a lock).
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))").bind(&series).execute(&mut *tx).await?;
+            let busy: i64 = sqlx::query_scalar(q::SERIES_BUSY).bind(&series).bind(&id_text).fetch_one(&mut *tx).await?;
+            if busy > 0 {
+                return Ok(None);
+            }
+        }
+        let take = chunks_to_take(
+            parse_strategy(row.get("strategy"))?,
+            row.get("cores"),
+            row.get("chunks_running"),
+            row.get("chunks_ready"),
+            max,
+        );
+        if take <= 0 {
+            return Ok(None);
+        }
+        let rows = sqlx::query(q::CLAIM_CHUNKS)
+            .bind(&id_text)
+            .bind(node)
+            .bind(lease_until)
+            .bind(take)
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut chunks: Vec<ChunkPlan> = rows
+            .iter()
+            .map(|r| ChunkPlan {
+                index: r.get::<i64, _>("idx") as u32,
+                offset: r.get::<i64, _>("pos") as u64,
+                len: r.get::<i64, _>("len") as u64,
+            })
+            .collect();
+        chunks.sort_by_key(|c| c.index);
+        if chunks.is_empty() {
+            tx.rollback().await?;
+            return Err(StoreError::Corrupt(format!("job {id} counts ready chunks it does not have")));
+        }
+        // Read the clock only now: the job's insert has committed, so
+        // its start is never before its creation.
+        let now = crate::domain::now_micros();
+        let row =
+            sqlx::query(q::START_JOB).bind(&id_text).bind(now).bind(chunks.len() as i64).fetch_one(&mut *tx).await?;
+        let job = ClaimRow {
+            count: row.get("count"),
+            cores: row.get("cores"),
+            strategy: row.get("strategy"),
+            transport: row.get("transport"),
+            sleep_ms: row.get("sleep_ms"),
+            spin: row.get("spin"),
+            range: (row.get("range_start"), row.get("range_end"), row.get("range_step")),
+            created_at: row.get("created_at"),
+            started_at: row.get("started_at"),
+            attempts: row.get("attempts"),
+            max_attempts: row.get("max_attempts"),
+            timeout_ms: row.get("timeout_ms"),
+            request_id: row.get("request_id"),
+        }
+        .into_job(id, now)?;
+        let input = match prefetch_input(&job) {
+            true => {
+                let data: Vec<u8> =
+                    sqlx::query_scalar(q::INPUT_SEGMENT).bind(&id_text).bind(0i64).fetch_one(&mut *tx).await?;
+                Some(crate::exec::from_le_bytes(&data).collect())
+            }
+            false => None,
+        };
+        tx.commit().await?;
+        Ok(Some(Claim { job, chunks, input }))
+    }
+
+    pub async fn heartbeat(&self, node: &str, lease_until: i64, local: &[Uuid]) -> StoreResult<Vec<Uuid>> {
+        if local.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Only chunks of jobs with live lanes here: a chunk a lane let go
+        // of without finishing (its job stopped) must expire and be rescued.
+        let mut renew = QueryBuilder::<Postgres>::new("UPDATE chunks SET lease_until = ");
+        renew.push_bind(lease_until).push(" WHERE owner = ").push_bind(node.to_string());
+        renew.push(" AND state = 'running' AND job_id IN (");
+        let mut ids = renew.separated(", ");
+        for id in local {
+            ids.push_bind(id.to_string());
+        }
+        renew.push(")");
+        renew.build().execute(&self.writer).await?;
+        self.not_running(local).await
+    }
+
+    /// Puts running chunks back to pending, in jobs that are still
+    /// running, and fixes their jobs' counters; a job with no chunk left
+    /// running goes back to `queued`.
+    pub(super) async fn release_where(&self, which: Release<'_>) -> StoreResult<u64> {
+        let condition = release_condition(which);
+        let mut tx = self.writer.begin().await?;
+        // Job rows before chunk rows (in id order), as every other writer locks them.
+        let lock = format!(
+            "SELECT id FROM jobs WHERE status = 'running' AND id IN \
+             (SELECT job_id FROM chunks WHERE state = 'running' AND {condition}) ORDER BY id FOR UPDATE"
+        );
+        bind_release(sqlx::query(&lock), which).execute(&mut *tx).await?;
+        let sql = release_chunks_sql(condition);
+        let rows = bind_release(sqlx::query(&sql), which).fetch_all(&mut *tx).await?;
+        let mut per_job = std::collections::BTreeMap::<String, i64>::new();
+        for row in &rows {
+            *per_job.entry(row.get::<String, _>("job_id")).or_default() += 1;
+        }
+        for (job, n) in &per_job {
+            sqlx::query(q::RELEASE_JOB).bind(job).bind(*n).execute(&mut *tx).await?;
+        }
+        if !per_job.is_empty() {
+            notify(&mut tx, WORK_CHANNEL, "").await?;
+        }
+        tx.commit().await?;
+        Ok(rows.len() as u64)
+    }
+
+    pub async fn put_segment(&self, id: Uuid, chunk: u32, node: &str, pos: u64, squares: &[i64]) -> StoreResult<bool> {
+        let stored = sqlx::query(q::PUT_SEGMENT)
+            .bind(id.to_string())
+            .bind(pos as i64)
+            .bind(squares.len() as i64)
+            .bind(&*le_bytes(squares))
+            .bind(chunk as i64)
+            .bind(node)
+            .execute(&self.writer)
+            .await?
+            .rows_affected();
+        Ok(stored > 0)
+    }
+
+    pub async fn complete_chunk(
+        &self,
+        id: Uuid,
+        chunk: &ChunkPlan,
+        record: &ChunkRecord,
+        last: Option<(u64, &[i64])>,
+        now: i64,
+    ) -> StoreResult<Option<Completion>> {
+        let id_text = id.to_string();
+        let mut tx = self.writer.begin().await?;
+        // Job row before chunk rows, as every other writer locks them.
+        sqlx::query("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE").bind(&id_text).execute(&mut *tx).await?;
+        let updated = sqlx::query(q::CHUNK_DONE)
+            .bind(&id_text)
+            .bind(chunk.index as i64)
+            .bind(&record.worker)
+            .bind(&record.node)
+            .bind(record.start_ms)
+            .bind(record.duration_ms)
+            .bind(record.spawn_ms)
+            .bind(record.compute_ms)
+            .bind(record.store_ms)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if updated == 0 {
+            return Ok(None); // no longer ours: canceled, failed or rescued
+        }
+        if let Some((pos, squares)) = last {
+            sqlx::query(q::INSERT_RESULT)
+                .bind(&id_text)
+                .bind(pos as i64)
+                .bind(squares.len() as i64)
+                .bind(&*le_bytes(squares))
+                .execute(&mut *tx)
+                .await?;
+        }
+        let row = sqlx::query(q::JOB_PROGRESS).bind(&id_text).bind(chunk.len as i64).fetch_one(&mut *tx).await?;
+        let progress = Progress {
+            chunks_done: row.get::<i64, _>("chunks_done") as u64,
+            chunks_total: row.get::<i64, _>("chunks_total") as u64,
+            numbers_done: row.get::<i64, _>("numbers_done") as u64,
+        };
+        let mut finished_wall_ms = None;
+        if progress.chunks_done == progress.chunks_total {
+            finished_wall_ms = finish(&mut tx, &id_text, JobStatus::Succeeded, None, now).await?;
+        }
+        tx.commit().await?;
+        Ok(Some(Completion { progress, finished_wall_ms }))
+    }
+
+    pub async fn fail_job(&self, id: Uuid, problem: &Problem, now: i64) -> StoreResult<bool> {
+        let mut tx = self.writer.begin().await?;
+        let ended = finish(&mut tx, &id.to_string(), JobStatus::Failed, Some(problem), now).await?;
+        tx.commit().await?;
+        Ok(ended.is_some())
+    }
+
+    pub async fn cancel_job(&self, id: Uuid, now: i64, problem: &Problem) -> StoreResult<Canceled> {
+        let id_text = id.to_string();
+        let mut tx = self.writer.begin().await?;
+        let row = sqlx::query(&format!("{} FOR UPDATE", q::JOB_STATUS_STRATEGY))
+            .bind(&id_text)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else { return Ok(Canceled::NotFound) };
+        let status = parse_status(row.get("status"))?;
+        let strategy = parse_strategy(row.get("strategy"))?;
+        if status.is_final() {
+            return Ok(Canceled::Ended(status));
+        }
+        finish(&mut tx, &id_text, JobStatus::Canceled, Some(problem), now).await?;
+        tx.commit().await?;
+        Ok(Canceled::Now { was_running: status == JobStatus::Running, strategy })
+    }
+
+    pub async fn record_attempt_error(&self, id: Uuid, error: &Problem, now: i64) -> StoreResult<Option<u32>> {
+        let id_text = id.to_string();
+        let mut tx = self.writer.begin().await?;
+        let row =
+            sqlx::query(&format!("{} FOR UPDATE", q::JOB_ATTEMPTS)).bind(&id_text).fetch_optional(&mut *tx).await?;
+        let Some(row) = row else { return Ok(None) };
+        let attempts = row.get::<i64, _>("attempts") as u32;
+        let Some(errors) =
+            next_attempt(attempts, row.get::<i64, _>("max_attempts") as u32, row.get("attempt_errors"), error, now)?
+        else {
+            return Ok(None); // exhausted: the caller fails the job
+        };
+        sqlx::query(q::RECORD_ATTEMPT)
+            .bind(&id_text)
+            .bind(i64::from(attempts + 1))
+            .bind(errors)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(attempts + 1))
+    }
+
+    pub async fn purge_finished(&self, cutoff: i64, now: i64, batch: u32) -> StoreResult<u64> {
+        let mut tx = self.writer.begin().await?;
+        let deleted =
+            sqlx::query(q::PURGE_JOBS).bind(cutoff).bind(batch as i64).execute(&mut *tx).await?.rows_affected();
+        sqlx::query(q::PURGE_KEYS).bind(now).bind(batch as i64).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
+    pub async fn insert_comparison(&self, c: &StoredComparison) -> StoreResult<()> {
+        sqlx::query(q::INSERT_COMPARISON)
+            .bind(c.id.to_string())
+            .bind(c.created_at)
+            .bind(&c.request)
+            .bind(&c.cells)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn delete_job(&self, id: Uuid) -> StoreResult<Deleted> {
+        let id_text = id.to_string();
+        let mut tx = self.writer.begin().await?;
+        let status: Option<String> = sqlx::query_scalar(&format!("{} FOR UPDATE", q::JOB_STATUS))
+            .bind(&id_text)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(status) = status else { return Ok(Deleted::NotFound) };
+        let status = parse_status(&status)?;
+        if !status.is_final() {
+            return Ok(Deleted::Busy(status));
+        }
+        sqlx::query(q::DELETE_JOB).bind(&id_text).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(Deleted::Yes)
+    }
+}
+
+/// Ends a job that is queued or running, inside `tx`: stores its status,
+/// error and timing totals, and releases its running chunks. Returns the wall
+/// time, or `None` if the job had already ended.
+async fn finish(
+    tx: &mut sqlx::Transaction<'static, Postgres>,
+    id: &str,
+    status: JobStatus,
+    error: Option<&Problem>,
+    now: i64,
+) -> StoreResult<Option<f64>> {
+    let row = sqlx::query(q::FINISH_TOTALS).bind(id).fetch_one(&mut **tx).await?;
+    let sums = [row.get("spawn_ms"), row.get("compute_ms"), row.get("store_ms")];
+    let (timing, wall_ms) = timing_totals(row.get("created_at"), row.get("started_at"), sums, now);
+    let ended = sqlx::query(q::FINISH_JOB)
+        .bind(id)
+        .bind(status.as_str())
+        .bind(now)
+        .bind(timing)
+        .bind(error.map(|e| serde_json::to_string(e).expect("problem serialises")))
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+    if ended == 0 {
+        return Ok(None);
+    }
+    if status != JobStatus::Succeeded {
+        sqlx::query(q::DELETE_RESULTS).bind(id).execute(&mut **tx).await?;
+    }
+    sqlx::query(q::WEBHOOK_DUE).bind(id).bind(now).execute(&mut **tx).await?;
+    sqlx::query(q::RELEASE_JOB_CHUNKS).bind(id).execute(&mut **tx).await?;
+    notify(tx, JOBS_CHANNEL, &format!("{id} {}", status.as_str())).await?;
+    Ok(Some(wall_ms))
+}
+
+/// Queues a notification, delivered on commit.
+async fn notify(tx: &mut sqlx::Transaction<'static, Postgres>, channel: &str, payload: &str) -> StoreResult<()> {
+    sqlx::query("SELECT pg_notify($1, $2)").bind(channel).bind(payload).execute(&mut **tx).await?;
+    Ok(())
+}
+
+/// Binds `$1` of a release statement.
+fn bind_release<'q>(
+    query: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    which: Release<'_>,
+) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+    match which {
+        Release::ExpiredBefore(now) => query.bind(now),
+        Release::Owner(owner) => query.bind(owner.to_string()),
+        Release::All => query.bind(0i64),
+    }
+}

@@ -1,7 +1,8 @@
-//! The SQL both backends share, written once with `$N` placeholders (SQLite
-//! accepts them too) and instantiated per backend by [`sql_store!`]: concrete
-//! types keep sqlx's type checks simple, one text keeps the backends from
-//! drifting. Where the dialects differ, the code branches on `Self::DIALECT`.
+//! The SQL both backends share, written once with `$N` placeholders: the
+//! statements ([`q`]) and the logic around them, and the reads, instantiated
+//! per backend by [`sql_reads!`] on sqlx (concrete types keep sqlx's type
+//! checks simple, one text keeps the backends from drifting). The writes run
+//! on sqlx transactions for PostgreSQL and on the writer thread for SQLite.
 
 use uuid::Uuid;
 
@@ -22,15 +23,246 @@ pub(super) struct TimingTotals {
 pub(super) const JOB_COLUMNS: &str = "id, status, created_at, started_at, finished_at, request, attempts, \
      attempt_errors, chunks_total, chunks_done, numbers_done, timing, error, version, callback_url";
 
-/// Columns a claim returns about its job.
-pub(super) const CLAIM_COLUMNS: &str = "count, cores, strategy, transport, sleep_ms, spin, range_start, range_end, \
-     range_step, created_at, started_at, attempts, max_attempts, timeout_ms, request_id";
+/// Statements both backends run as they are (SQLite runs them with `$N`
+/// turned into `?N`). Where PostgreSQL must lock rows, it appends the lock.
+pub(super) mod q {
+    pub const IDEMPOTENCY_GET: &str =
+        "SELECT body_hash, job_id FROM idempotency_keys WHERE key = $1 AND expires_at > $2";
+    pub const IDEMPOTENCY_PUT: &str = "INSERT INTO idempotency_keys (key, body_hash, job_id, expires_at) \
+         VALUES ($1, $2, $3, $4) ON CONFLICT (key) DO UPDATE SET body_hash = excluded.body_hash, \
+         job_id = excluded.job_id, expires_at = excluded.expires_at";
+    pub const QUEUED_COUNT: &str = "SELECT COUNT(*) FROM jobs WHERE status = 'queued'";
+    pub const INSERT_JOB: &str = "INSERT INTO jobs (id, status, priority, created_at, count, cores, strategy, \
+         transport, sleep_ms, spin, range_start, range_end, range_step, chunks_total, chunks_ready, max_attempts, \
+         timeout_ms, request, callback_url, series, request_id) VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $8, \
+         $9, $10, $11, $12, $13, $13, $14, $15, $16, $17, $18, $19)";
+    pub const INSERT_METADATA: &str = "INSERT INTO job_metadata (job_id, key, value) VALUES ($1, $2, $3)";
+    pub const INSERT_INPUT: &str = "INSERT INTO job_inputs (job_id, pos, data) VALUES ($1, $2, $3)";
+    pub const INPUT_SEGMENT: &str = "SELECT data FROM job_inputs WHERE job_id = $1 AND pos = $2";
+    pub const INSERT_CHUNK: &str = "INSERT INTO chunks (job_id, idx, pos, len) VALUES ($1, $2, $3, $4)";
+    pub const CLAIMABLE_JOB: &str = "SELECT cores, strategy, chunks_ready, chunks_running, series, status \
+         FROM jobs WHERE id = $1 AND status IN ('queued', 'running') AND chunks_ready > 0";
+    pub const SERIES_BUSY: &str = "SELECT COUNT(*) FROM jobs WHERE series = $1 AND status = 'running' AND id <> $2";
+    pub const CLAIM_CHUNKS: &str = "UPDATE chunks SET state = 'running', owner = $2, lease_until = $3, \
+         runs = runs + 1 WHERE job_id = $1 AND idx IN \
+         (SELECT idx FROM chunks WHERE job_id = $1 AND state = 'pending' ORDER BY idx LIMIT $4) \
+         RETURNING idx, pos, len";
+    /// Starts the job (once) and moves `$3` chunks from ready to running;
+    /// returns what a node needs to run them.
+    pub const START_JOB: &str = "UPDATE jobs SET status = 'running', started_at = COALESCE(started_at, $2), \
+         attempts = CASE WHEN attempts = 0 THEN 1 ELSE attempts END, chunks_ready = chunks_ready - $3, \
+         chunks_running = chunks_running + $3, version = version + 1 WHERE id = $1 \
+         RETURNING count, cores, strategy, transport, sleep_ms, spin, range_start, range_end, range_step, \
+         created_at, started_at, attempts, max_attempts, timeout_ms, request_id";
+    pub const RELEASE_JOB: &str = "UPDATE jobs SET chunks_running = chunks_running - $2, \
+         chunks_ready = chunks_ready + $2, status = CASE WHEN chunks_running - $2 <= 0 THEN 'queued' ELSE status END, \
+         version = version + 1 WHERE id = $1 AND status = 'running'";
+    /// Stores a segment only while `$6` owns the chunk, running.
+    pub const PUT_SEGMENT: &str = "INSERT INTO results (job_id, pos, len, data) \
+         SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM chunks WHERE job_id = $1 AND idx = $5 \
+         AND owner = $6 AND state = 'running') \
+         ON CONFLICT (job_id, pos) DO UPDATE SET len = excluded.len, data = excluded.data";
+    pub const INSERT_RESULT: &str = "INSERT INTO results (job_id, pos, len, data) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (job_id, pos) DO UPDATE SET len = excluded.len, data = excluded.data";
+    pub const CHUNK_DONE: &str = "UPDATE chunks SET state = 'done', owner = NULL, lease_until = NULL, \
+         worker = $3, node = $4, start_ms = $5, duration_ms = $6, spawn_ms = $7, compute_ms = $8, store_ms = $9 \
+         WHERE job_id = $1 AND idx = $2 AND owner = $4 AND state = 'running'";
+    pub const JOB_PROGRESS: &str = "UPDATE jobs SET chunks_done = chunks_done + 1, \
+         chunks_running = chunks_running - 1, numbers_done = numbers_done + $2, version = version + 1 \
+         WHERE id = $1 RETURNING chunks_done, chunks_total, numbers_done";
+    pub const FINISH_TOTALS: &str = "SELECT j.created_at, j.started_at, \
+         COALESCE((SELECT SUM(spawn_ms) FROM chunks WHERE job_id = $1 AND state = 'done'), 0.0) AS spawn_ms, \
+         COALESCE((SELECT SUM(compute_ms) FROM chunks WHERE job_id = $1 AND state = 'done'), 0.0) AS compute_ms, \
+         COALESCE((SELECT SUM(store_ms) FROM chunks WHERE job_id = $1 AND state = 'done'), 0.0) AS store_ms \
+         FROM jobs j WHERE j.id = $1";
+    pub const FINISH_JOB: &str = "UPDATE jobs SET status = $2, finished_at = $3, timing = $4, error = $5, \
+         chunks_running = 0, chunks_ready = 0, version = version + 1 \
+         WHERE id = $1 AND status IN ('queued', 'running')";
+    pub const DELETE_RESULTS: &str = "DELETE FROM results WHERE job_id = $1";
+    /// The webhook is due now, and durable with the job's end.
+    pub const WEBHOOK_DUE: &str = "INSERT INTO webhooks (job_id, url, state, attempts, next_at) \
+         SELECT id, callback_url, 'pending', 0, $2 FROM jobs WHERE id = $1 AND callback_url IS NOT NULL \
+         ON CONFLICT (job_id) DO NOTHING";
+    pub const RELEASE_JOB_CHUNKS: &str = "UPDATE chunks SET state = 'pending', owner = NULL, lease_until = NULL \
+         WHERE job_id = $1 AND state = 'running'";
+    pub const JOB_STATUS_STRATEGY: &str = "SELECT status, strategy FROM jobs WHERE id = $1";
+    pub const JOB_ATTEMPTS: &str =
+        "SELECT attempts, max_attempts, attempt_errors FROM jobs WHERE id = $1 AND status = 'running'";
+    pub const RECORD_ATTEMPT: &str =
+        "UPDATE jobs SET attempts = $2, attempt_errors = $3, version = version + 1 WHERE id = $1";
+    pub const PURGE_JOBS: &str = "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE finished_at IS NOT NULL \
+         AND finished_at < $1 AND status IN ('succeeded', 'failed', 'canceled') ORDER BY finished_at LIMIT $2)";
+    pub const PURGE_KEYS: &str = "DELETE FROM idempotency_keys WHERE key IN \
+         (SELECT key FROM idempotency_keys WHERE expires_at <= $1 LIMIT $2)";
+    pub const INSERT_COMPARISON: &str =
+        "INSERT INTO comparisons (id, created_at, request, cells) VALUES ($1, $2, $3, $4)";
+    pub const JOB_STATUS: &str = "SELECT status FROM jobs WHERE id = $1";
+    pub const DELETE_JOB: &str = "DELETE FROM jobs WHERE id = $1";
+    pub const WEBHOOK_HISTORY: &str = "SELECT history FROM webhooks WHERE job_id = $1";
+    pub const WEBHOOK_RECORD: &str =
+        "UPDATE webhooks SET state = $2, attempts = $3, next_at = $4, history = $5 WHERE job_id = $1";
+    pub const BUMP_VERSION: &str = "UPDATE jobs SET version = version + 1 WHERE id = $1";
+}
+
+/// Jobs that can take a chunk now: below their cores, and not waiting behind
+/// a running job of their series; `from` names the table (SQLite is told to
+/// walk the `jobs_ready` index, which yields them in claim order, instead of
+/// sorting every queued job).
+pub(super) fn claim_candidates_sql(from: &str) -> String {
+    format!(
+        "SELECT id FROM {from} WHERE chunks_ready > 0 AND status IN ('queued', 'running') \
+         AND chunks_running < CASE WHEN strategy = 'sequential' THEN 1 ELSE cores END \
+         AND (series IS NULL OR status = 'running' OR NOT EXISTS \
+         (SELECT 1 FROM jobs s WHERE s.series = j.series AND s.status = 'running')) \
+         ORDER BY priority DESC, created_at, id LIMIT $1"
+    )
+}
+
+/// The SQL of a claim of due webhook deliveries, with PostgreSQL's `lock`.
+pub(super) fn claim_webhooks_sql(lock: &str) -> String {
+    format!(
+        "UPDATE webhooks SET next_at = $1 + $3 WHERE job_id IN (SELECT job_id FROM webhooks \
+         WHERE state = 'pending' AND next_at <= $1 ORDER BY next_at LIMIT $2{lock}) \
+         RETURNING job_id, url, attempts"
+    )
+}
+
+/// The condition on `chunks` that picks which running chunks to release (`$1`).
+pub(super) fn release_condition(which: Release<'_>) -> &'static str {
+    match which {
+        Release::ExpiredBefore(_) => "lease_until < $1",
+        Release::Owner(_) => "owner = $1",
+        Release::All => "$1 = $1",
+    }
+}
+
+/// Puts running chunks matching `condition` back to pending, in running jobs.
+pub(super) fn release_chunks_sql(condition: &str) -> String {
+    format!(
+        "UPDATE chunks SET state = 'pending', owner = NULL, lease_until = NULL \
+         WHERE state = 'running' AND {condition} \
+         AND job_id IN (SELECT id FROM jobs WHERE status = 'running') RETURNING job_id"
+    )
+}
+
+/// Builds a [`ClaimedJob`] from the columns [`q::START_JOB`] returns;
+/// `get_i64`/`get_opt`/`get_text` read a column by name.
+pub(super) struct ClaimRow {
+    pub count: i64,
+    pub cores: i64,
+    pub strategy: String,
+    pub transport: Option<String>,
+    pub sleep_ms: i64,
+    pub spin: i64,
+    pub range: (Option<i64>, Option<i64>, Option<i64>),
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub attempts: i64,
+    pub max_attempts: i64,
+    pub timeout_ms: Option<i64>,
+    pub request_id: Option<String>,
+}
+
+impl ClaimRow {
+    pub fn into_job(self, id: uuid::Uuid, now: i64) -> StoreResult<crate::store::ClaimedJob> {
+        let range = match self.range {
+            (Some(start), Some(end), Some(step)) => Some(crate::domain::RangeSpec { start, end, step }),
+            _ => None,
+        };
+        Ok(crate::store::ClaimedJob {
+            id,
+            count: self.count as u64,
+            cores: self.cores as u32,
+            strategy: parse_strategy(&self.strategy)?,
+            transport: self.transport.as_deref().map(parse_transport).transpose()?,
+            simulate: crate::domain::Simulate { sleep_ms: self.sleep_ms as u64, spin: self.spin as u64 },
+            range,
+            created_at: self.created_at,
+            started_at: self.started_at.unwrap_or(now),
+            attempts: self.attempts as u32,
+            max_attempts: self.max_attempts as u32,
+            timeout_ms: self.timeout_ms.map(|t| t as u64),
+            request_id: self.request_id,
+        })
+    }
+}
+
+/// The timing totals of an ending job, from [`q::FINISH_TOTALS`]'s row, as JSON
+/// (`None` if it never started), and its wall time in ms.
+pub(super) fn timing_totals(
+    created_at: i64,
+    started_at: Option<i64>,
+    sums: [f64; 3],
+    now: i64,
+) -> (Option<String>, f64) {
+    let wall_ms = started_at.map_or(0.0, |s| (now - s) as f64 / 1000.0);
+    let totals = TimingTotals {
+        queue_ms: started_at.map_or(0.0, |s| (s - created_at) as f64 / 1000.0),
+        wall_ms,
+        spawn_ms: sums[0],
+        compute_ms: sums[1],
+        store_ms: sums[2],
+    };
+    (started_at.map(|_| serde_json::to_string(&totals).expect("timing serialises")), wall_ms)
+}
+
+/// How many chunks a claim of up to `max` takes from a job with these counters.
+pub(super) fn chunks_to_take(strategy: Strategy, cores: i64, running: i64, ready: i64, max: u32) -> i64 {
+    let cores = match strategy {
+        Strategy::Sequential => 1,
+        _ => cores,
+    };
+    (cores - running).min(ready).min(i64::from(max))
+}
+
+/// A webhook row after one more delivery attempt: state, attempts, next
+/// attempt time and history (JSON), from the stored `history`.
+pub(super) fn webhook_record(
+    history: &str,
+    attempt: &crate::domain::DeliveryAttempt,
+    outcome: super::WebhookOutcome,
+) -> StoreResult<(&'static str, i64, i64, String)> {
+    let mut attempts: Vec<crate::domain::DeliveryAttempt> = parse_json(history)?;
+    attempts.push(attempt.clone());
+    let (state, next_at) = match outcome {
+        super::WebhookOutcome::Delivered => ("delivered", 0),
+        super::WebhookOutcome::Retry { next_at } => ("pending", next_at),
+        super::WebhookOutcome::Failed => ("failed", 0),
+    };
+    Ok((state, attempts.len() as i64, next_at, serde_json::to_string(&attempts).expect("attempts serialise")))
+}
+
+/// The attempt errors (JSON) after attempt `attempts` failed with `error`, or
+/// `None` when no attempt remains.
+pub(super) fn next_attempt(
+    attempts: u32,
+    max_attempts: u32,
+    errors: &str,
+    error: &crate::domain::Problem,
+    now: i64,
+) -> StoreResult<Option<String>> {
+    if attempts >= max_attempts {
+        return Ok(None);
+    }
+    let mut errors: Vec<crate::domain::AttemptError> = parse_json(errors)?;
+    errors.push(crate::domain::AttemptError {
+        attempt: attempts,
+        at: crate::domain::rfc3339(now),
+        error: error.clone(),
+    });
+    Ok(Some(serde_json::to_string(&errors).expect("attempt errors serialise")))
+}
+
+/// Whether a claim reads the job's input along (see `Claim::input`).
+pub(super) fn prefetch_input(job: &crate::store::ClaimedJob) -> bool {
+    job.range.is_none() && job.count <= crate::domain::SEGMENT_LEN
+}
 
 /// Rows per multi-row INSERT (well under both backends' parameter limits).
 pub(super) const INSERT_BATCH: usize = 1000;
 
 /// How many candidate jobs one claim pass looks at.
-pub(super) const CLAIM_CANDIDATES: i64 = 16;
+pub(super) const CLAIM_WINDOW: i64 = 16;
 
 pub(super) fn parse_uuid(s: &str) -> StoreResult<Uuid> {
     Uuid::parse_str(s).map_err(|e| StoreError::Corrupt(format!("job id {s:?}: {e}")))
@@ -59,122 +291,12 @@ pub(super) fn round_ms(ms: f64) -> f64 {
 
 /// Implements the shared store methods for `$store`, whose fields are
 /// `writer` and `readers` pools of database `$db`.
-macro_rules! sql_store {
+macro_rules! sql_reads {
     ($store:ident, $db:ty) => {
         impl $store {
             pub async fn ping(&self) -> StoreResult<()> {
                 sqlx::query("SELECT 1").execute(&self.readers).await?;
                 Ok(())
-            }
-
-            pub async fn insert_job(&self, job: &NewJob<'_>) -> StoreResult<Inserted> {
-                let spec = job.spec;
-                let echo = serde_json::to_string(&spec.echo()).expect("the echo serialises");
-                let range = match &spec.input {
-                    Input::Range(r) => Some(*r),
-                    Input::List(_) => None,
-                };
-                let id = job.id.to_string();
-                let mut tx = self.writer.begin().await?;
-                if let Some(key) = &job.idempotency {
-                    if Self::DIALECT == Dialect::Postgres {
-                        // Serialises submissions under one key across nodes.
-                        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-                            .bind(&key.key)
-                            .execute(&mut *tx)
-                            .await?;
-                    }
-                    let known =
-                        sqlx::query("SELECT body_hash, job_id FROM idempotency_keys WHERE key = $1 AND expires_at > $2")
-                            .bind(&key.key)
-                            .bind(job.created_at)
-                            .fetch_optional(&mut *tx)
-                            .await?;
-                    if let Some(known) = known {
-                        let hash: String = known.get("body_hash");
-                        return Ok(match hash == key.body_hash {
-                            true => Inserted::Existing(parse_uuid(known.get("job_id"))?),
-                            false => Inserted::KeyReused,
-                        });
-                    }
-                    sqlx::query(
-                        "INSERT INTO idempotency_keys (key, body_hash, job_id, expires_at) VALUES ($1, $2, $3, $4) \
-                         ON CONFLICT (key) DO UPDATE SET body_hash = excluded.body_hash, job_id = excluded.job_id, \
-                         expires_at = excluded.expires_at",
-                    )
-                    .bind(&key.key)
-                    .bind(&key.body_hash)
-                    .bind(&id)
-                    .bind(key.expires_at)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                if let Some(max) = job.max_queued {
-                    let queued: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE status = 'queued'")
-                        .fetch_one(&mut *tx)
-                        .await?;
-                    if queued as u64 >= max {
-                        return Ok(Inserted::QueueFull);
-                    }
-                }
-                sqlx::query(
-                    "INSERT INTO jobs (id, status, priority, created_at, count, cores, strategy, transport, sleep_ms, \
-                     spin, range_start, range_end, range_step, chunks_total, chunks_ready, max_attempts, timeout_ms, \
-                     request, callback_url, series, request_id) VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $8, $9, \
-                     $10, $11, $12, $13, $13, $14, $15, $16, $17, $18, $19)",
-                )
-                .bind(&id)
-                .bind(spec.priority as i64)
-                .bind(job.created_at)
-                .bind(spec.count as i64)
-                .bind(spec.cores as i64)
-                .bind(spec.strategy.as_str())
-                .bind(spec.transport.map(Transport::as_str))
-                .bind(spec.simulate.sleep_ms as i64)
-                .bind(spec.simulate.spin as i64)
-                .bind(range.map(|r| r.start))
-                .bind(range.map(|r| r.end))
-                .bind(range.map(|r| r.step))
-                .bind(job.chunks.len() as i64)
-                .bind(spec.max_attempts as i64)
-                .bind(spec.timeout_ms.map(|t| t as i64))
-                .bind(echo)
-                .bind(spec.callback_url.as_deref())
-                .bind(job.series.map(|s| s.to_string()))
-                .bind(job.request_id.as_deref())
-                .execute(&mut *tx)
-                .await?;
-                for (key, value) in &spec.metadata {
-                    sqlx::query("INSERT INTO job_metadata (job_id, key, value) VALUES ($1, $2, $3)")
-                        .bind(&id)
-                        .bind(key)
-                        .bind(value)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                if let Input::List(numbers) = &spec.input {
-                    for (i, segment) in numbers.chunks(SEGMENT_LEN as usize).enumerate() {
-                        sqlx::query("INSERT INTO job_inputs (job_id, pos, data) VALUES ($1, $2, $3)")
-                            .bind(&id)
-                            .bind((i as u64 * SEGMENT_LEN) as i64)
-                            .bind(&*le_bytes(segment))
-                            .execute(&mut *tx)
-                            .await?;
-                    }
-                }
-                for batch in job.chunks.chunks(INSERT_BATCH) {
-                    let mut insert = QueryBuilder::<$db>::new("INSERT INTO chunks (job_id, idx, pos, len) ");
-                    insert.push_values(batch, |mut row, chunk| {
-                        row.push_bind(id.clone())
-                            .push_bind(chunk.index as i64)
-                            .push_bind(chunk.offset as i64)
-                            .push_bind(chunk.len as i64);
-                    });
-                    insert.build().execute(&mut *tx).await?;
-                }
-                Self::notify(&mut tx, WORK_CHANNEL, "").await?;
-                tx.commit().await?;
-                Ok(Inserted::New)
             }
 
             pub async fn job(&self, id: Uuid) -> StoreResult<Option<JobDocument>> {
@@ -288,65 +410,6 @@ macro_rules! sql_store {
                 })
             }
 
-            pub async fn claim_webhooks(
-                &self,
-                now: i64,
-                limit: u32,
-                lease: i64,
-            ) -> StoreResult<Vec<(Uuid, String, u32)>> {
-                let lock = if Self::DIALECT == Dialect::Postgres { " FOR UPDATE SKIP LOCKED" } else { "" };
-                let rows = sqlx::query(&format!(
-                    "UPDATE webhooks SET next_at = $1 + $3 WHERE job_id IN (SELECT job_id FROM webhooks \
-                     WHERE state = 'pending' AND next_at <= $1 ORDER BY next_at LIMIT $2{lock}) \
-                     RETURNING job_id, url, attempts"
-                ))
-                .bind(now)
-                .bind(limit as i64)
-                .bind(lease)
-                .fetch_all(&self.writer)
-                .await?;
-                rows.iter()
-                    .map(|r| Ok((parse_uuid(r.get("job_id"))?, r.get("url"), r.get::<i64, _>("attempts") as u32)))
-                    .collect()
-            }
-
-            pub async fn record_webhook(
-                &self,
-                id: Uuid,
-                attempt: &DeliveryAttempt,
-                outcome: WebhookOutcome,
-            ) -> StoreResult<()> {
-                let id_text = id.to_string();
-                let mut tx = self.writer.begin().await?;
-                let lock = if Self::DIALECT == Dialect::Postgres { " FOR UPDATE" } else { "" };
-                let history: Option<String> =
-                    sqlx::query_scalar(&format!("SELECT history FROM webhooks WHERE job_id = $1{lock}"))
-                        .bind(&id_text)
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                let Some(history) = history else { return Ok(()) }; // the job was deleted
-                let mut attempts: Vec<DeliveryAttempt> = parse_json(&history)?;
-                attempts.push(attempt.clone());
-                let (state, next_at) = match outcome {
-                    WebhookOutcome::Delivered => ("delivered", 0),
-                    WebhookOutcome::Retry { next_at } => ("pending", next_at),
-                    WebhookOutcome::Failed => ("failed", 0),
-                };
-                sqlx::query(
-                    "UPDATE webhooks SET state = $2, attempts = $3, next_at = $4, history = $5 WHERE job_id = $1",
-                )
-                .bind(&id_text)
-                .bind(state)
-                .bind(attempts.len() as i64)
-                .bind(next_at)
-                .bind(serde_json::to_string(&attempts).expect("attempts serialise"))
-                .execute(&mut *tx)
-                .await?;
-                sqlx::query("UPDATE jobs SET version = version + 1 WHERE id = $1").bind(&id_text).execute(&mut *tx).await?;
-                tx.commit().await?;
-                Ok(())
-            }
-
             async fn chunk_timings(&self, id: Uuid) -> StoreResult<Vec<ChunkTiming>> {
                 let rows = sqlx::query(
                     "SELECT idx, pos, len, worker, node, start_ms, duration_ms, runs FROM chunks \
@@ -371,522 +434,30 @@ macro_rules! sql_store {
             }
 
             pub async fn queued_count(&self) -> StoreResult<u64> {
-                let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE status = 'queued'")
-                    .fetch_one(&self.readers)
-                    .await?;
+                let n: i64 = sqlx::query_scalar(q::QUEUED_COUNT).fetch_one(&self.readers).await?;
                 Ok(n as u64)
             }
 
-            pub async fn claim(&self, node: &str, lanes: u32, lease_until: i64) -> StoreResult<Vec<Claim>> {
-                // Only jobs that can take a chunk now: below their cores, and not
-                // waiting behind a running job of their series.
-                let candidates: Vec<String> = sqlx::query_scalar(
-                    "SELECT id FROM jobs j WHERE chunks_ready > 0 AND status IN ('queued', 'running') \
-                     AND chunks_running < CASE WHEN strategy = 'sequential' THEN 1 ELSE cores END \
-                     AND (series IS NULL OR status = 'running' OR NOT EXISTS \
-                     (SELECT 1 FROM jobs s WHERE s.series = j.series AND s.status = 'running')) \
-                     ORDER BY priority DESC, created_at, id LIMIT $1",
-                )
-                .bind(CLAIM_CANDIDATES)
-                .fetch_all(&self.writer)
-                .await?;
-                let mut claims = Vec::new();
-                let mut free = lanes;
-                for id in candidates {
-                    if free == 0 {
-                        break;
-                    }
-                    let id = parse_uuid(&id)?;
-                    match self.claim_job(id, node, free, lease_until, true).await {
-                        Ok(Some(claim)) => {
-                            free -= claim.chunks.len() as u32;
-                            claims.push(claim);
-                        }
-                        Ok(None) => {}
-                        // One bad job must not stop every other job from being claimed.
-                        Err(e @ StoreError::Corrupt(_)) => tracing::error!(job = %id, error = %e, "skipping a job"),
-                        Err(e) => return Err(e),
-                    }
-                }
-                Ok(claims)
-            }
-
-            pub async fn claim_next(
-                &self,
-                id: Uuid,
-                node: &str,
-                lease_until: i64,
-            ) -> StoreResult<Option<ChunkPlan>> {
-                let claim = self.claim_job(id, node, 1, lease_until, false).await?;
-                Ok(claim.and_then(|c| c.chunks.into_iter().next()))
-            }
-
-            /// Claims up to `max` chunks of one job in one transaction, with the
-            /// job's row locked. With `skip_locked` (the claim loop's scan),
-            /// PostgreSQL skips a job another claim holds instead of waiting.
-            async fn claim_job(
-                &self,
-                id: Uuid,
-                node: &str,
-                max: u32,
-                lease_until: i64,
-                skip_locked: bool,
-            ) -> StoreResult<Option<Claim>> {
-                let id_text = id.to_string();
-                let mut tx = self.writer.begin().await?;
-                let lock = match (Self::DIALECT, skip_locked) {
-                    (Dialect::Sqlite, _) => "",
-                    (Dialect::Postgres, true) => " FOR UPDATE SKIP LOCKED",
-                    (Dialect::Postgres, false) => " FOR UPDATE",
-                };
-                let row = sqlx::query(&format!(
-                    "SELECT cores, strategy, chunks_ready, chunks_running, series, status FROM jobs \
-                     WHERE id = $1 AND status IN ('queued', 'running') AND chunks_ready > 0{lock}"
-                ))
-                .bind(&id_text)
-                .fetch_optional(&mut *tx)
-                .await?;
-                let Some(row) = row else { return Ok(None) };
-                let series: Option<String> = row.get("series");
-                if let (Some(series), "queued") = (series, row.get::<String, _>("status").as_str()) {
-                    // A series runs one job at a time: start this one only when
-                    // no other is running (serialised across nodes by a lock).
-                    if Self::DIALECT == Dialect::Postgres {
-                        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-                            .bind(&series)
-                            .execute(&mut *tx)
-                            .await?;
-                    }
-                    let busy: i64 = sqlx::query_scalar(
-                        "SELECT COUNT(*) FROM jobs WHERE series = $1 AND status = 'running' AND id <> $2",
-                    )
-                    .bind(&series)
-                    .bind(&id_text)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                    if busy > 0 {
-                        return Ok(None);
-                    }
-                }
-                let cores = match parse_strategy(row.get("strategy"))? {
-                    Strategy::Sequential => 1,
-                    _ => row.get::<i64, _>("cores"),
-                };
-                let room = (cores - row.get::<i64, _>("chunks_running")).min(row.get::<i64, _>("chunks_ready"));
-                let take = room.min(i64::from(max));
-                if take <= 0 {
-                    return Ok(None);
-                }
-                let rows = sqlx::query(
-                    "UPDATE chunks SET state = 'running', owner = $2, lease_until = $3, runs = runs + 1 \
-                     WHERE job_id = $1 AND idx IN \
-                     (SELECT idx FROM chunks WHERE job_id = $1 AND state = 'pending' ORDER BY idx LIMIT $4) \
-                     RETURNING idx, pos, len",
-                )
-                .bind(&id_text)
-                .bind(node)
-                .bind(lease_until)
-                .bind(take)
-                .fetch_all(&mut *tx)
-                .await?;
-                let mut chunks: Vec<ChunkPlan> = rows
-                    .iter()
-                    .map(|r| ChunkPlan {
-                        index: r.get::<i64, _>("idx") as u32,
-                        offset: r.get::<i64, _>("pos") as u64,
-                        len: r.get::<i64, _>("len") as u64,
-                    })
-                    .collect();
-                chunks.sort_by_key(|c| c.index);
-                if chunks.is_empty() {
-                    tx.rollback().await?;
-                    return Err(StoreError::Corrupt(format!("job {id} counts ready chunks it does not have")));
-                }
-                let got = chunks.len() as i64;
-                // Read the clock only now: the job's insert has committed, so
-                // its start is never before its creation.
-                let now = crate::domain::now_micros();
-                let row = sqlx::query(&format!(
-                    "UPDATE jobs SET status = 'running', started_at = COALESCE(started_at, $2), \
-                     attempts = CASE WHEN attempts = 0 THEN 1 ELSE attempts END, \
-                     chunks_ready = chunks_ready - $3, chunks_running = chunks_running + $3, version = version + 1 \
-                     WHERE id = $1 RETURNING {CLAIM_COLUMNS}"
-                ))
-                .bind(&id_text)
-                .bind(now)
-                .bind(got)
-                .fetch_one(&mut *tx)
-                .await?;
-                tx.commit().await?;
-                let range = match (row.get("range_start"), row.get("range_end"), row.get("range_step")) {
-                    (Some(start), Some(end), Some(step)) => Some(RangeSpec { start, end, step }),
-                    _ => None,
-                };
-                let transport: Option<String> = row.get("transport");
-                let job = ClaimedJob {
-                    id,
-                    count: row.get::<i64, _>("count") as u64,
-                    cores: row.get::<i64, _>("cores") as u32,
-                    strategy: parse_strategy(row.get("strategy"))?,
-                    transport: transport.as_deref().map(parse_transport).transpose()?,
-                    simulate: Simulate {
-                        sleep_ms: row.get::<i64, _>("sleep_ms") as u64,
-                        spin: row.get::<i64, _>("spin") as u64,
-                    },
-                    range,
-                    created_at: row.get("created_at"),
-                    started_at: row.get::<Option<i64>, _>("started_at").unwrap_or(now),
-                    attempts: row.get::<i64, _>("attempts") as u32,
-                    max_attempts: row.get::<i64, _>("max_attempts") as u32,
-                    timeout_ms: row.get::<Option<i64>, _>("timeout_ms").map(|t| t as u64),
-                    request_id: row.get("request_id"),
-                };
-                Ok(Some(Claim { job, chunks }))
-            }
-
-            pub async fn heartbeat(&self, node: &str, lease_until: i64, local: &[Uuid]) -> StoreResult<Vec<Uuid>> {
-                if local.is_empty() {
-                    return Ok(Vec::new());
-                }
-                // Only chunks of jobs with live lanes here: a chunk a lane let go
-                // of without finishing (its job stopped) must expire and be rescued.
-                let mut renew = QueryBuilder::<$db>::new("UPDATE chunks SET lease_until = ");
-                renew.push_bind(lease_until).push(" WHERE owner = ").push_bind(node.to_string());
-                renew.push(" AND state = 'running' AND job_id IN (");
-                let mut ids = renew.separated(", ");
-                for id in local {
-                    ids.push_bind(id.to_string());
-                }
-                renew.push(")");
-                renew.build().execute(&self.writer).await?;
+            /// Which of `ids` are no longer running.
+            async fn not_running(&self, ids: &[Uuid]) -> StoreResult<Vec<Uuid>> {
                 let mut sql = QueryBuilder::<$db>::new("SELECT id FROM jobs WHERE status <> 'running' AND id IN (");
-                let mut ids = sql.separated(", ");
-                for id in local {
-                    ids.push_bind(id.to_string());
+                let mut list = sql.separated(", ");
+                for id in ids {
+                    list.push_bind(id.to_string());
                 }
                 sql.push(")");
                 let gone: Vec<String> = sql.build_query_scalar().fetch_all(&self.readers).await?;
                 gone.iter().map(|s| parse_uuid(s)).collect()
             }
 
-            pub async fn rescue_expired(&self, now: i64) -> StoreResult<u64> {
-                self.release_where(Release::ExpiredBefore(now)).await
-            }
-
-            pub async fn release_chunks(&self, owner: Option<&str>) -> StoreResult<u64> {
-                match owner {
-                    Some(owner) => self.release_where(Release::Owner(owner)).await,
-                    None => self.release_where(Release::All).await,
-                }
-            }
-
-            /// Puts running chunks back to pending, in jobs that are still
-            /// running, and fixes their jobs' counters; a job with no chunk left
-            /// running goes back to `queued`.
-            async fn release_where(&self, which: Release<'_>) -> StoreResult<u64> {
-                let condition = match which {
-                    Release::ExpiredBefore(_) => "lease_until < $1",
-                    Release::Owner(_) => "owner = $1",
-                    Release::All => "$1 = $1",
-                };
-                let sql = format!(
-                    "UPDATE chunks SET state = 'pending', owner = NULL, lease_until = NULL \
-                     WHERE state = 'running' AND {condition} \
-                     AND job_id IN (SELECT id FROM jobs WHERE status = 'running') RETURNING job_id"
-                );
-                let query = sqlx::query(&sql);
-                let query = match which {
-                    Release::ExpiredBefore(now) => query.bind(now),
-                    Release::Owner(owner) => query.bind(owner.to_string()),
-                    Release::All => query.bind(0i64),
-                };
-                let mut tx = self.writer.begin().await?;
-                if Self::DIALECT == Dialect::Postgres {
-                    // Job rows before chunk rows (in id order), as every other writer locks them.
-                    let lock = format!(
-                        "SELECT id FROM jobs WHERE status = 'running' AND id IN \
-                         (SELECT job_id FROM chunks WHERE state = 'running' AND {condition}) ORDER BY id FOR UPDATE"
-                    );
-                    let lock = sqlx::query(&lock);
-                    let lock = match which {
-                        Release::ExpiredBefore(now) => lock.bind(now),
-                        Release::Owner(owner) => lock.bind(owner.to_string()),
-                        Release::All => lock.bind(0i64),
-                    };
-                    lock.execute(&mut *tx).await?;
-                }
-                let rows = query.fetch_all(&mut *tx).await?;
-                let mut per_job = std::collections::BTreeMap::<String, i64>::new();
-                for row in &rows {
-                    *per_job.entry(row.get::<String, _>("job_id")).or_default() += 1;
-                }
-                for (job, n) in &per_job {
-                    sqlx::query(
-                        "UPDATE jobs SET chunks_running = chunks_running - $2, chunks_ready = chunks_ready + $2, \
-                         status = CASE WHEN chunks_running - $2 <= 0 THEN 'queued' ELSE status END, \
-                         version = version + 1 WHERE id = $1 AND status = 'running'",
-                    )
-                    .bind(job)
-                    .bind(*n)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                if !per_job.is_empty() {
-                    Self::notify(&mut tx, WORK_CHANNEL, "").await?;
-                }
-                tx.commit().await?;
-                Ok(rows.len() as u64)
-            }
-
             pub async fn input_segment(&self, id: Uuid, pos: u64) -> StoreResult<Vec<i64>> {
-                let data: Vec<u8> = sqlx::query_scalar("SELECT data FROM job_inputs WHERE job_id = $1 AND pos = $2")
+                let data: Vec<u8> = sqlx::query_scalar(q::INPUT_SEGMENT)
                     .bind(id.to_string())
                     .bind(pos as i64)
                     .fetch_optional(&self.readers)
                     .await?
                     .ok_or_else(|| StoreError::Corrupt(format!("job {id} has no input segment at {pos}")))?;
                 Ok(crate::exec::from_le_bytes(&data).collect())
-            }
-
-            pub async fn put_segment(
-                &self,
-                id: Uuid,
-                chunk: u32,
-                node: &str,
-                pos: u64,
-                squares: &[i64],
-            ) -> StoreResult<bool> {
-                let stored = sqlx::query(
-                    "INSERT INTO results (job_id, pos, len, data) \
-                     SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM chunks WHERE job_id = $1 AND idx = $5 \
-                     AND owner = $6 AND state = 'running') \
-                     ON CONFLICT (job_id, pos) DO UPDATE SET len = excluded.len, data = excluded.data",
-                )
-                .bind(id.to_string())
-                .bind(pos as i64)
-                .bind(squares.len() as i64)
-                .bind(&*le_bytes(squares))
-                .bind(chunk as i64)
-                .bind(node)
-                .execute(&self.writer)
-                .await?
-                .rows_affected();
-                Ok(stored > 0)
-            }
-
-            pub async fn complete_chunk(
-                &self,
-                id: Uuid,
-                chunk: &ChunkPlan,
-                record: &ChunkRecord,
-                last: Option<(u64, &[i64])>,
-                now: i64,
-            ) -> StoreResult<Option<Completion>> {
-                let id_text = id.to_string();
-                let mut tx = self.writer.begin().await?;
-                if Self::DIALECT == Dialect::Postgres {
-                    // Job row before chunk rows, as every other writer locks them.
-                    sqlx::query("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE").bind(&id_text).execute(&mut *tx).await?;
-                }
-                let updated = sqlx::query(
-                    "UPDATE chunks SET state = 'done', owner = NULL, lease_until = NULL, worker = $3, node = $4, \
-                     start_ms = $5, duration_ms = $6, spawn_ms = $7, compute_ms = $8, store_ms = $9 \
-                     WHERE job_id = $1 AND idx = $2 AND owner = $4 AND state = 'running'",
-                )
-                .bind(&id_text)
-                .bind(chunk.index as i64)
-                .bind(&record.worker)
-                .bind(&record.node)
-                .bind(record.start_ms)
-                .bind(record.duration_ms)
-                .bind(record.spawn_ms)
-                .bind(record.compute_ms)
-                .bind(record.store_ms)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                if updated == 0 {
-                    return Ok(None); // no longer ours: canceled, failed or rescued
-                }
-                if let Some((pos, squares)) = last {
-                    sqlx::query(
-                        "INSERT INTO results (job_id, pos, len, data) VALUES ($1, $2, $3, $4) \
-                         ON CONFLICT (job_id, pos) DO UPDATE SET len = excluded.len, data = excluded.data",
-                    )
-                    .bind(&id_text)
-                    .bind(pos as i64)
-                    .bind(squares.len() as i64)
-                    .bind(&*le_bytes(squares))
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                let row = sqlx::query(
-                    "UPDATE jobs SET chunks_done = chunks_done + 1, chunks_running = chunks_running - 1, \
-                     numbers_done = numbers_done + $2, version = version + 1 WHERE id = $1 \
-                     RETURNING chunks_done, chunks_total, numbers_done",
-                )
-                .bind(&id_text)
-                .bind(chunk.len as i64)
-                .fetch_one(&mut *tx)
-                .await?;
-                let progress = Progress {
-                    chunks_done: row.get::<i64, _>("chunks_done") as u64,
-                    chunks_total: row.get::<i64, _>("chunks_total") as u64,
-                    numbers_done: row.get::<i64, _>("numbers_done") as u64,
-                };
-                let mut finished_wall_ms = None;
-                if progress.chunks_done == progress.chunks_total {
-                    finished_wall_ms = Self::finish(&mut tx, &id_text, JobStatus::Succeeded, None, now).await?;
-                }
-                tx.commit().await?;
-                Ok(Some(Completion { progress, finished_wall_ms }))
-            }
-
-            /// Ends a job that is queued or running, inside `tx`: stores its
-            /// status, error and timing totals, and releases its running chunks.
-            /// Returns the wall time, or `None` if the job had already ended.
-            async fn finish(
-                tx: &mut sqlx::Transaction<'static, $db>,
-                id: &str,
-                status: JobStatus,
-                error: Option<&Problem>,
-                now: i64,
-            ) -> StoreResult<Option<f64>> {
-                let row = sqlx::query(
-                    "SELECT j.created_at, j.started_at, \
-                     COALESCE((SELECT SUM(spawn_ms) FROM chunks WHERE job_id = $1 AND state = 'done'), 0.0) AS spawn_ms, \
-                     COALESCE((SELECT SUM(compute_ms) FROM chunks WHERE job_id = $1 AND state = 'done'), 0.0) AS compute_ms, \
-                     COALESCE((SELECT SUM(store_ms) FROM chunks WHERE job_id = $1 AND state = 'done'), 0.0) AS store_ms \
-                     FROM jobs j WHERE j.id = $1",
-                )
-                .bind(id)
-                .fetch_one(&mut **tx)
-                .await?;
-                let created_at: i64 = row.get("created_at");
-                let started_at: Option<i64> = row.get("started_at");
-                let wall_ms = started_at.map_or(0.0, |s| (now - s) as f64 / 1000.0);
-                let totals = TimingTotals {
-                    queue_ms: started_at.map_or(0.0, |s| (s - created_at) as f64 / 1000.0),
-                    wall_ms,
-                    spawn_ms: row.get::<f64, _>("spawn_ms"),
-                    compute_ms: row.get::<f64, _>("compute_ms"),
-                    store_ms: row.get::<f64, _>("store_ms"),
-                };
-                let timing = started_at.map(|_| serde_json::to_string(&totals).expect("timing serialises"));
-                let ended = sqlx::query(
-                    "UPDATE jobs SET status = $2, finished_at = $3, timing = $4, error = $5, chunks_running = 0, \
-                     chunks_ready = 0, version = version + 1 WHERE id = $1 AND status IN ('queued', 'running')",
-                )
-                .bind(id)
-                .bind(status.as_str())
-                .bind(now)
-                .bind(timing)
-                .bind(error.map(|e| serde_json::to_string(e).expect("problem serialises")))
-                .execute(&mut **tx)
-                .await?
-                .rows_affected();
-                if ended == 0 {
-                    return Ok(None);
-                }
-                if status != JobStatus::Succeeded {
-                    sqlx::query("DELETE FROM results WHERE job_id = $1").bind(id).execute(&mut **tx).await?;
-                }
-                // The webhook is due now, and durable with the job's end.
-                sqlx::query(
-                    "INSERT INTO webhooks (job_id, url, state, attempts, next_at) \
-                     SELECT id, callback_url, 'pending', 0, $2 FROM jobs WHERE id = $1 AND callback_url IS NOT NULL \
-                     ON CONFLICT (job_id) DO NOTHING",
-                )
-                .bind(id)
-                .bind(now)
-                .execute(&mut **tx)
-                .await?;
-                sqlx::query(
-                    "UPDATE chunks SET state = 'pending', owner = NULL, lease_until = NULL \
-                     WHERE job_id = $1 AND state = 'running'",
-                )
-                .bind(id)
-                .execute(&mut **tx)
-                .await?;
-                Self::notify(tx, JOBS_CHANNEL, &format!("{id} {}", status.as_str())).await?;
-                Ok(Some(wall_ms))
-            }
-
-            pub async fn fail_job(&self, id: Uuid, problem: &Problem, now: i64) -> StoreResult<bool> {
-                let mut tx = self.writer.begin().await?;
-                let ended = Self::finish(&mut tx, &id.to_string(), JobStatus::Failed, Some(problem), now).await?;
-                tx.commit().await?;
-                Ok(ended.is_some())
-            }
-
-            pub async fn cancel_job(&self, id: Uuid, now: i64, problem: &Problem) -> StoreResult<Canceled> {
-                let id_text = id.to_string();
-                let mut tx = self.writer.begin().await?;
-                let lock = if Self::DIALECT == Dialect::Postgres { " FOR UPDATE" } else { "" };
-                let row = sqlx::query(&format!("SELECT status, strategy FROM jobs WHERE id = $1{lock}"))
-                    .bind(&id_text)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                let Some(row) = row else { return Ok(Canceled::NotFound) };
-                let status = parse_status(row.get("status"))?;
-                let strategy = parse_strategy(row.get("strategy"))?;
-                if status.is_final() {
-                    return Ok(Canceled::Ended(status));
-                }
-                Self::finish(&mut tx, &id_text, JobStatus::Canceled, Some(problem), now).await?;
-                tx.commit().await?;
-                Ok(Canceled::Now { was_running: status == JobStatus::Running, strategy })
-            }
-
-            pub async fn record_attempt_error(&self, id: Uuid, error: &Problem, now: i64) -> StoreResult<Option<u32>> {
-                let id_text = id.to_string();
-                let mut tx = self.writer.begin().await?;
-                let lock = if Self::DIALECT == Dialect::Postgres { " FOR UPDATE" } else { "" };
-                let row = sqlx::query(&format!(
-                    "SELECT attempts, max_attempts, attempt_errors FROM jobs WHERE id = $1 AND status = 'running'{lock}"
-                ))
-                .bind(&id_text)
-                .fetch_optional(&mut *tx)
-                .await?;
-                let Some(row) = row else { return Ok(None) };
-                let attempts = row.get::<i64, _>("attempts") as u32;
-                if attempts >= row.get::<i64, _>("max_attempts") as u32 {
-                    return Ok(None); // exhausted: the caller fails the job
-                }
-                let mut errors: Vec<AttemptError> = parse_json(row.get("attempt_errors"))?;
-                errors.push(AttemptError { attempt: attempts, at: rfc3339(now), error: error.clone() });
-                sqlx::query("UPDATE jobs SET attempts = $2, attempt_errors = $3, version = version + 1 WHERE id = $1")
-                    .bind(&id_text)
-                    .bind(i64::from(attempts + 1))
-                    .bind(serde_json::to_string(&errors).expect("attempt errors serialise"))
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                Ok(Some(attempts + 1))
-            }
-
-            pub async fn purge_finished(&self, cutoff: i64, now: i64, batch: u32) -> StoreResult<u64> {
-                let mut tx = self.writer.begin().await?;
-                let deleted = sqlx::query(
-                    "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE finished_at IS NOT NULL \
-                     AND finished_at < $1 AND status IN ('succeeded', 'failed', 'canceled') \
-                     ORDER BY finished_at LIMIT $2)",
-                )
-                .bind(cutoff)
-                .bind(batch as i64)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                sqlx::query(
-                    "DELETE FROM idempotency_keys WHERE key IN \
-                     (SELECT key FROM idempotency_keys WHERE expires_at <= $1 LIMIT $2)",
-                )
-                .bind(now)
-                .bind(batch as i64)
-                .execute(&mut *tx)
-                .await?;
-                tx.commit().await?;
-                Ok(deleted)
             }
 
             pub async fn result_segments(
@@ -925,17 +496,6 @@ macro_rules! sql_store {
                     .collect()
             }
 
-            pub async fn insert_comparison(&self, c: &StoredComparison) -> StoreResult<()> {
-                sqlx::query("INSERT INTO comparisons (id, created_at, request, cells) VALUES ($1, $2, $3, $4)")
-                    .bind(c.id.to_string())
-                    .bind(c.created_at)
-                    .bind(&c.request)
-                    .bind(&c.cells)
-                    .execute(&self.writer)
-                    .await?;
-                Ok(())
-            }
-
             pub async fn comparison(&self, id: Uuid) -> StoreResult<Option<StoredComparison>> {
                 let row = sqlx::query("SELECT created_at, request, cells FROM comparisons WHERE id = $1")
                     .bind(id.to_string())
@@ -968,40 +528,11 @@ macro_rules! sql_store {
                     })
                     .collect()
             }
-
-            pub async fn delete_job(&self, id: Uuid) -> StoreResult<Deleted> {
-                let id_text = id.to_string();
-                let mut tx = self.writer.begin().await?;
-                let status: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1")
-                    .bind(&id_text)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                let Some(status) = status else { return Ok(Deleted::NotFound) };
-                let status = parse_status(&status)?;
-                if !status.is_final() {
-                    return Ok(Deleted::Busy(status));
-                }
-                sqlx::query("DELETE FROM jobs WHERE id = $1").bind(&id_text).execute(&mut *tx).await?;
-                tx.commit().await?;
-                Ok(Deleted::Yes)
-            }
-
-            /// Queues a notification, delivered on commit (PostgreSQL only).
-            async fn notify(
-                tx: &mut sqlx::Transaction<'static, $db>,
-                channel: &str,
-                payload: &str,
-            ) -> StoreResult<()> {
-                if Self::DIALECT == Dialect::Postgres {
-                    sqlx::query("SELECT pg_notify($1, $2)").bind(channel).bind(payload).execute(&mut **tx).await?;
-                }
-                Ok(())
-            }
         }
     };
 }
 
-pub(super) use sql_store;
+pub(super) use sql_reads;
 
 /// Which running chunks to release.
 #[derive(Clone, Copy)]

@@ -1,32 +1,31 @@
-//! The SQLite backend: one file, WAL mode, one writer connection (SQLite
-//! allows one writer at a time; queueing in the pool beats retrying on
-//! `SQLITE_BUSY`) and a pool of readers that never wait for it.
+//! The SQLite backend: one file in WAL mode. Writes go to one writer thread
+//! that commits them in batches ([`sqlite_writer`](super::sqlite_writer));
+//! reads go to a pool of read-only connections that never wait for it.
 
 use std::str::FromStr;
 use std::time::Duration;
 
+use rusqlite::{params, Connection, OptionalExtension};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
+use sqlx::{ConnectOptions, Connection as _, QueryBuilder, Row, Sqlite, SqlitePool};
 use uuid::Uuid;
 
 use super::sql::*;
+use super::sqlite_writer::{stmt, Writer};
 use super::*;
 use crate::domain::{
-    rfc3339, AttemptError, Callback, ChunkTiming, DeliveryAttempt, Input, JobLinks, Problem, Progress, RequestEcho,
-    Timing, SEGMENT_LEN,
+    now_micros, rfc3339, Callback, ChunkTiming, Input, JobLinks, Problem, Progress, RequestEcho, Timing, SEGMENT_LEN,
 };
 use crate::exec::le_bytes;
 
 /// The SQLite-backed store. Cheap to clone.
 #[derive(Clone)]
 pub struct SqliteStore {
-    writer: SqlitePool,
+    writer: Writer,
     readers: SqlitePool,
 }
 
 impl SqliteStore {
-    const DIALECT: Dialect = Dialect::Sqlite;
-
     /// Opens (creating when missing) the database at `url` and applies migrations.
     pub async fn open(url: &str, readers: u32) -> StoreResult<Self> {
         let options = SqliteConnectOptions::from_str(url)?
@@ -35,16 +34,13 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
-        // Connections are local and checked by use: no ping before each acquire.
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .test_before_acquire(false)
-            .acquire_timeout(Duration::from_secs(60))
-            .connect_with(options.clone())
-            .await?;
-        sqlx::migrate!("migrations/sqlite").run(&writer).await?;
+        let mut migrator = options.connect().await?;
+        sqlx::migrate!("migrations/sqlite").run(&mut migrator).await?;
+        migrator.close().await?;
+        let writer = Writer::start(options.get_filename())?;
         let readers = SqlitePoolOptions::new()
             .max_connections(readers.max(1))
+            // Connections are local and checked by use: no ping before each acquire.
             .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(options.read_only(true))
@@ -53,4 +49,448 @@ impl SqliteStore {
     }
 }
 
-sql_store!(SqliteStore, Sqlite);
+sql_reads!(SqliteStore, Sqlite);
+
+/// The writes, each one closure on the writer thread (see `sqlite_writer`):
+/// arguments are copied in, and nothing else runs between its statements.
+impl SqliteStore {
+    pub async fn insert_job(&self, job: &NewJob<'_>) -> StoreResult<Inserted> {
+        let spec = job.spec;
+        let range = match &spec.input {
+            Input::Range(r) => Some(*r),
+            Input::List(_) => None,
+        };
+        let inputs: Vec<Vec<u8>> = match &spec.input {
+            Input::List(numbers) => numbers.chunks(SEGMENT_LEN as usize).map(|s| le_bytes(s).into_owned()).collect(),
+            Input::Range(_) => Vec::new(),
+        };
+        let id = job.id.to_string();
+        let idempotency = job.idempotency.as_ref().map(|k| (k.key.clone(), k.body_hash.clone(), k.expires_at));
+        let (created_at, max_queued, chunks) = (job.created_at, job.max_queued, job.chunks.to_vec());
+        let row = (
+            spec.priority as i64,
+            spec.count as i64,
+            spec.cores as i64,
+            spec.strategy.as_str(),
+            spec.transport.map(Transport::as_str),
+            spec.simulate.sleep_ms as i64,
+            spec.simulate.spin as i64,
+            spec.max_attempts as i64,
+            spec.timeout_ms.map(|t| t as i64),
+        );
+        let echo = serde_json::to_string(&spec.echo()).expect("the echo serialises");
+        let callback_url = spec.callback_url.clone();
+        let series = job.series.map(|s| s.to_string());
+        let request_id = job.request_id.clone();
+        let metadata: Vec<(String, String)> = spec.metadata.clone().into_iter().collect();
+        self.writer
+            .write(move |c| {
+                if let Some((key, body_hash, expires_at)) = idempotency {
+                    let known = stmt(c, q::IDEMPOTENCY_GET)?
+                        .query_row(params![key, created_at], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                        .optional()?;
+                    if let Some((hash, job_id)) = known {
+                        return Ok(match hash == body_hash {
+                            true => Inserted::Existing(parse_uuid(&job_id)?),
+                            false => Inserted::KeyReused,
+                        });
+                    }
+                    stmt(c, q::IDEMPOTENCY_PUT)?.execute(params![key, body_hash, id, expires_at])?;
+                }
+                if let Some(max) = max_queued {
+                    let queued: i64 = stmt(c, q::QUEUED_COUNT)?.query_row([], |r| r.get(0))?;
+                    if queued as u64 >= max {
+                        return Ok(Inserted::QueueFull);
+                    }
+                }
+                let (priority, count, cores, strategy, transport, sleep_ms, spin, max_attempts, timeout_ms) = row;
+                stmt(c, q::INSERT_JOB)?.execute(params![
+                    id,
+                    priority,
+                    created_at,
+                    count,
+                    cores,
+                    strategy,
+                    transport,
+                    sleep_ms,
+                    spin,
+                    range.map(|r| r.start),
+                    range.map(|r| r.end),
+                    range.map(|r| r.step),
+                    chunks.len() as i64,
+                    max_attempts,
+                    timeout_ms,
+                    echo,
+                    callback_url,
+                    series,
+                    request_id,
+                ])?;
+                for (key, value) in &metadata {
+                    stmt(c, q::INSERT_METADATA)?.execute(params![id, key, value])?;
+                }
+                for (i, data) in inputs.iter().enumerate() {
+                    stmt(c, q::INSERT_INPUT)?.execute(params![id, (i as u64 * SEGMENT_LEN) as i64, data])?;
+                }
+                let mut insert = stmt(c, q::INSERT_CHUNK)?;
+                for chunk in &chunks {
+                    insert.execute(params![id, chunk.index as i64, chunk.offset as i64, chunk.len as i64])?;
+                }
+                Ok(Inserted::New)
+            })
+            .await
+    }
+
+    pub async fn claim_webhooks(&self, now: i64, limit: u32, lease: i64) -> StoreResult<Vec<(Uuid, String, u32)>> {
+        self.writer
+            .write(move |c| {
+                let rows = stmt(c, &claim_webhooks_sql(""))?
+                    .query_map(params![now, limit as i64, lease], |r| {
+                        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?))
+                    })?
+                    .collect::<Result<Vec<_>, _>>()?;
+                rows.into_iter().map(|(id, url, attempts)| Ok((parse_uuid(&id)?, url, attempts as u32))).collect()
+            })
+            .await
+    }
+
+    pub async fn record_webhook(
+        &self,
+        id: Uuid,
+        attempt: &DeliveryAttempt,
+        outcome: WebhookOutcome,
+    ) -> StoreResult<()> {
+        let (id, attempt) = (id.to_string(), attempt.clone());
+        self.writer
+            .write(move |c| {
+                let history: Option<String> =
+                    stmt(c, q::WEBHOOK_HISTORY)?.query_row(params![id], |r| r.get(0)).optional()?;
+                let Some(history) = history else { return Ok(()) }; // the job was deleted
+                let (state, attempts, next_at, history) = webhook_record(&history, &attempt, outcome)?;
+                stmt(c, q::WEBHOOK_RECORD)?.execute(params![id, state, attempts, next_at, history])?;
+                stmt(c, q::BUMP_VERSION)?.execute(params![id])?;
+                Ok(())
+            })
+            .await
+    }
+
+    pub async fn claim(&self, node: &str, lanes: u32, lease_until: i64) -> StoreResult<Vec<Claim>> {
+        let node = node.to_string();
+        self.writer
+            .write(move |c| {
+                let candidates = stmt(c, &CANDIDATES)?
+                    .query_map(params![CLAIM_WINDOW], |r| r.get::<_, String>(0))?
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut claims = Vec::new();
+                let mut free = lanes;
+                for id in candidates {
+                    if free == 0 {
+                        break;
+                    }
+                    let id = parse_uuid(&id)?;
+                    match claim_job(c, id, &node, free, lease_until) {
+                        Ok(Some(claim)) => {
+                            free -= claim.chunks.len() as u32;
+                            claims.push(claim);
+                        }
+                        Ok(None) => {}
+                        // One bad job must not stop every other job from being claimed.
+                        Err(e @ StoreError::Corrupt(_)) => tracing::error!(job = %id, error = %e, "skipping a job"),
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(claims)
+            })
+            .await
+    }
+
+    pub async fn claim_next(&self, id: Uuid, node: &str, lease_until: i64) -> StoreResult<Option<ChunkPlan>> {
+        let node = node.to_string();
+        self.writer
+            .write(move |c| Ok(claim_job(c, id, &node, 1, lease_until)?.and_then(|c| c.chunks.into_iter().next())))
+            .await
+    }
+
+    pub async fn heartbeat(&self, node: &str, lease_until: i64, local: &[Uuid]) -> StoreResult<Vec<Uuid>> {
+        if local.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (node, ids) = (node.to_string(), local.iter().map(Uuid::to_string).collect::<Vec<_>>());
+        self.writer
+            .write(move |c| {
+                // Only chunks of jobs with live lanes here: a chunk a lane let go
+                // of without finishing (its job stopped) must expire and be rescued.
+                let mut renew = stmt(
+                    c,
+                    "UPDATE chunks SET lease_until = $1 WHERE owner = $2 AND state = 'running' AND job_id = $3",
+                )?;
+                for id in &ids {
+                    renew.execute(params![lease_until, node, id])?;
+                }
+                Ok(())
+            })
+            .await?;
+        self.not_running(local).await
+    }
+
+    /// Puts running chunks back to pending, in jobs that are still running,
+    /// and fixes their jobs' counters; a job with no chunk left running goes
+    /// back to `queued`.
+    pub(super) async fn release_where(&self, which: Release<'_>) -> StoreResult<u64> {
+        let sql = release_chunks_sql(release_condition(which));
+        let arg: rusqlite::types::Value = match which {
+            Release::ExpiredBefore(now) => now.into(),
+            Release::Owner(owner) => owner.to_string().into(),
+            Release::All => 0i64.into(),
+        };
+        self.writer
+            .write(move |c| {
+                let jobs = stmt(c, &sql)?
+                    .query_map(params![arg], |r| r.get::<_, String>(0))?
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut per_job = std::collections::BTreeMap::<&str, i64>::new();
+                for job in &jobs {
+                    *per_job.entry(job).or_default() += 1;
+                }
+                for (job, n) in per_job {
+                    stmt(c, q::RELEASE_JOB)?.execute(params![job, n])?;
+                }
+                Ok(jobs.len() as u64)
+            })
+            .await
+    }
+
+    pub async fn put_segment(&self, id: Uuid, chunk: u32, node: &str, pos: u64, squares: &[i64]) -> StoreResult<bool> {
+        let (id, node, len, data) =
+            (id.to_string(), node.to_string(), squares.len() as i64, le_bytes(squares).into_owned());
+        self.writer
+            .write(move |c| {
+                let stored =
+                    stmt(c, q::PUT_SEGMENT)?.execute(params![id, pos as i64, len, data, chunk as i64, node])?;
+                Ok(stored > 0)
+            })
+            .await
+    }
+
+    pub async fn complete_chunk(
+        &self,
+        id: Uuid,
+        chunk: &ChunkPlan,
+        record: &ChunkRecord,
+        last: Option<(u64, &[i64])>,
+        now: i64,
+    ) -> StoreResult<Option<Completion>> {
+        let (id, chunk, record) = (id.to_string(), *chunk, record.clone());
+        let last = last.map(|(pos, squares)| (pos as i64, squares.len() as i64, le_bytes(squares).into_owned()));
+        self.writer
+            .write(move |c| {
+                let updated = stmt(c, q::CHUNK_DONE)?.execute(params![
+                    id,
+                    chunk.index as i64,
+                    record.worker,
+                    record.node,
+                    record.start_ms,
+                    record.duration_ms,
+                    record.spawn_ms,
+                    record.compute_ms,
+                    record.store_ms,
+                ])?;
+                if updated == 0 {
+                    return Ok(None); // no longer ours: canceled, failed or rescued
+                }
+                if let Some((pos, len, data)) = last {
+                    stmt(c, q::INSERT_RESULT)?.execute(params![id, pos, len, data])?;
+                }
+                let progress = stmt(c, q::JOB_PROGRESS)?.query_row(params![id, chunk.len as i64], |r| {
+                    Ok(Progress {
+                        chunks_done: r.get::<_, i64>(0)? as u64,
+                        chunks_total: r.get::<_, i64>(1)? as u64,
+                        numbers_done: r.get::<_, i64>(2)? as u64,
+                    })
+                })?;
+                let mut finished_wall_ms = None;
+                if progress.chunks_done == progress.chunks_total {
+                    finished_wall_ms = finish(c, &id, JobStatus::Succeeded, None, now)?;
+                }
+                Ok(Some(Completion { progress, finished_wall_ms }))
+            })
+            .await
+    }
+
+    pub async fn fail_job(&self, id: Uuid, problem: &Problem, now: i64) -> StoreResult<bool> {
+        let (id, problem) = (id.to_string(), problem.clone());
+        self.writer.write(move |c| Ok(finish(c, &id, JobStatus::Failed, Some(&problem), now)?.is_some())).await
+    }
+
+    pub async fn cancel_job(&self, id: Uuid, now: i64, problem: &Problem) -> StoreResult<Canceled> {
+        let (id, problem) = (id.to_string(), problem.clone());
+        self.writer
+            .write(move |c| {
+                let row = stmt(c, q::JOB_STATUS_STRATEGY)?
+                    .query_row(params![id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                    .optional()?;
+                let Some((status, strategy)) = row else { return Ok(Canceled::NotFound) };
+                let (status, strategy) = (parse_status(&status)?, parse_strategy(&strategy)?);
+                if status.is_final() {
+                    return Ok(Canceled::Ended(status));
+                }
+                finish(c, &id, JobStatus::Canceled, Some(&problem), now)?;
+                Ok(Canceled::Now { was_running: status == JobStatus::Running, strategy })
+            })
+            .await
+    }
+
+    pub async fn record_attempt_error(&self, id: Uuid, error: &Problem, now: i64) -> StoreResult<Option<u32>> {
+        let (id, error) = (id.to_string(), error.clone());
+        self.writer
+            .write(move |c| {
+                let row = stmt(c, q::JOB_ATTEMPTS)?
+                    .query_row(params![id], |r| {
+                        Ok((r.get::<_, i64>(0)? as u32, r.get::<_, i64>(1)? as u32, r.get::<_, String>(2)?))
+                    })
+                    .optional()?;
+                let Some((attempts, max_attempts, errors)) = row else { return Ok(None) };
+                let Some(errors) = next_attempt(attempts, max_attempts, &errors, &error, now)? else {
+                    return Ok(None); // exhausted: the caller fails the job
+                };
+                stmt(c, q::RECORD_ATTEMPT)?.execute(params![id, i64::from(attempts + 1), errors])?;
+                Ok(Some(attempts + 1))
+            })
+            .await
+    }
+
+    pub async fn purge_finished(&self, cutoff: i64, now: i64, batch: u32) -> StoreResult<u64> {
+        self.writer
+            .write(move |c| {
+                let deleted = stmt(c, q::PURGE_JOBS)?.execute(params![cutoff, batch as i64])?;
+                stmt(c, q::PURGE_KEYS)?.execute(params![now, batch as i64])?;
+                Ok(deleted as u64)
+            })
+            .await
+    }
+
+    pub async fn insert_comparison(&self, comparison: &StoredComparison) -> StoreResult<()> {
+        let c = comparison.clone();
+        self.writer
+            .write(move |conn| {
+                stmt(conn, q::INSERT_COMPARISON)?.execute(params![
+                    c.id.to_string(),
+                    c.created_at,
+                    c.request,
+                    c.cells
+                ])?;
+                Ok(())
+            })
+            .await
+    }
+
+    pub async fn delete_job(&self, id: Uuid) -> StoreResult<Deleted> {
+        let id = id.to_string();
+        self.writer
+            .write(move |c| {
+                let status: Option<String> = stmt(c, q::JOB_STATUS)?.query_row(params![id], |r| r.get(0)).optional()?;
+                let Some(status) = status else { return Ok(Deleted::NotFound) };
+                let status = parse_status(&status)?;
+                if !status.is_final() {
+                    return Ok(Deleted::Busy(status));
+                }
+                stmt(c, q::DELETE_JOB)?.execute(params![id])?;
+                Ok(Deleted::Yes)
+            })
+            .await
+    }
+}
+
+/// The claim scan, on the index that yields jobs in claim order.
+static CANDIDATES: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| claim_candidates_sql("jobs j INDEXED BY jobs_ready"));
+
+/// Claims up to `max` chunks of one job (see `Store::claim`).
+fn claim_job(c: &Connection, id: Uuid, node: &str, max: u32, lease_until: i64) -> StoreResult<Option<Claim>> {
+    let id_text = id.to_string();
+    let row = stmt(c, q::CLAIMABLE_JOB)?
+        .query_row(params![id_text], |r| {
+            Ok((
+                r.get::<_, i64>("cores")?,
+                r.get::<_, String>("strategy")?,
+                r.get::<_, i64>("chunks_ready")?,
+                r.get::<_, i64>("chunks_running")?,
+                r.get::<_, Option<String>>("series")?,
+                r.get::<_, String>("status")?,
+            ))
+        })
+        .optional()?;
+    let Some((cores, strategy, ready, running, series, status)) = row else { return Ok(None) };
+    if let (Some(series), "queued") = (series, status.as_str()) {
+        // A series runs one job at a time: start this one only when no other is running.
+        let busy: i64 = stmt(c, q::SERIES_BUSY)?.query_row(params![series, id_text], |r| r.get(0))?;
+        if busy > 0 {
+            return Ok(None);
+        }
+    }
+    let take = chunks_to_take(parse_strategy(&strategy)?, cores, running, ready, max);
+    if take <= 0 {
+        return Ok(None);
+    }
+    let mut chunks = stmt(c, q::CLAIM_CHUNKS)?
+        .query_map(params![id_text, node, lease_until, take], |r| {
+            Ok(ChunkPlan {
+                index: r.get::<_, i64>(0)? as u32,
+                offset: r.get::<_, i64>(1)? as u64,
+                len: r.get::<_, i64>(2)? as u64,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    chunks.sort_by_key(|c| c.index);
+    if chunks.is_empty() {
+        return Err(StoreError::Corrupt(format!("job {id} counts ready chunks it does not have")));
+    }
+    // Read the clock only now: the job's insert has committed, so its start
+    // is never before its creation.
+    let now = now_micros();
+    let job = stmt(c, q::START_JOB)?.query_row(params![id_text, now, chunks.len() as i64], |r| {
+        Ok(ClaimRow {
+            count: r.get("count")?,
+            cores: r.get("cores")?,
+            strategy: r.get("strategy")?,
+            transport: r.get("transport")?,
+            sleep_ms: r.get("sleep_ms")?,
+            spin: r.get("spin")?,
+            range: (r.get("range_start")?, r.get("range_end")?, r.get("range_step")?),
+            created_at: r.get("created_at")?,
+            started_at: r.get("started_at")?,
+            attempts: r.get("attempts")?,
+            max_attempts: r.get("max_attempts")?,
+            timeout_ms: r.get("timeout_ms")?,
+            request_id: r.get("request_id")?,
+        })
+    })?;
+    let job = job.into_job(id, now)?;
+    let input = match prefetch_input(&job) {
+        true => {
+            let data: Vec<u8> = stmt(c, q::INPUT_SEGMENT)?.query_row(params![id_text, 0i64], |r| r.get(0))?;
+            Some(crate::exec::from_le_bytes(&data).collect())
+        }
+        false => None,
+    };
+    Ok(Some(Claim { job, chunks, input }))
+}
+
+/// Ends a job that is queued or running: stores its status, error and timing
+/// totals, and releases its running chunks. Returns the wall time, or `None`
+/// if the job had already ended.
+fn finish(c: &Connection, id: &str, status: JobStatus, error: Option<&Problem>, now: i64) -> StoreResult<Option<f64>> {
+    let (created_at, started_at, sums) = stmt(c, q::FINISH_TOTALS)?.query_row(params![id], |r| {
+        Ok((r.get("created_at")?, r.get("started_at")?, [r.get("spawn_ms")?, r.get("compute_ms")?, r.get("store_ms")?]))
+    })?;
+    let (timing, wall_ms) = timing_totals(created_at, started_at, sums, now);
+    let error = error.map(|e| serde_json::to_string(e).expect("problem serialises"));
+    if stmt(c, q::FINISH_JOB)?.execute(params![id, status.as_str(), now, timing, error])? == 0 {
+        return Ok(None);
+    }
+    if status != JobStatus::Succeeded {
+        stmt(c, q::DELETE_RESULTS)?.execute(params![id])?;
+    }
+    stmt(c, q::WEBHOOK_DUE)?.execute(params![id, now])?;
+    stmt(c, q::RELEASE_JOB_CHUNKS)?.execute(params![id])?;
+    Ok(Some(wall_ms))
+}
