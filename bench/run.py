@@ -528,7 +528,8 @@ def run_seed(n, cores, repeats, patterns=None):
 
 
 # ---------------------------------------------------------------------------
-# Tiny jobs: many client processes, each with several keep-alive connections
+# Tiny jobs: 64 keep-alive connections, from examples/tiny_load (one Rust
+# process on one thread) or, as a fallback, from Python client processes
 
 
 def _tiny_client(args):
@@ -610,7 +611,9 @@ def _iso(ts):
     return dt.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp() if ts else None
 
 
-def tiny_run(srv, cfg, mode, njobs, strategy, rate=None):
+def tiny_client_python(srv, cfg, mode, njobs, strategy, rate):
+    """The Python client: `cfg.client_procs` processes of `_tiny_client`.
+    Returns (parts, start_at) with parts shaped as `_tiny_client` returns them."""
     procs, per = cfg.client_procs, cfg.clients // cfg.client_procs
     ctx = multiprocessing.get_context("spawn")
     start_at = time.monotonic() + 1.5  # after every client process is up and connected
@@ -619,9 +622,38 @@ def tiny_run(srv, cfg, mode, njobs, strategy, rate=None):
         (srv.host, srv.port, mode, jobs_all[p::procs], per, start_at, strategy, cfg.tiny_cores, rate, p)
         for p in range(procs)
     ]
-    cpu0, w0 = srv.cpu(), time.monotonic()
     with ctx.Pool(procs) as pool:
-        parts = pool.map(_tiny_client, work)
+        return pool.map(_tiny_client, work), start_at
+
+
+def tiny_client_rust(srv, cfg, mode, njobs, strategy, rate):
+    """examples/tiny_load: the same jobs and loops as `_tiny_client` from one
+    process; its times are on CLOCK_MONOTONIC, the clock of time.monotonic()."""
+    cmd = [cfg.load_client, "--url", f"http://{srv.host}:{srv.port}", "--jobs", str(njobs), "--clients", str(cfg.clients),
+           "--strategy", strategy, "--cores", str(cfg.tiny_cores), "--mode", mode, "--threads", str(cfg.client_threads)]
+    if rate is not None:
+        cmd += ["--rate", repr(rate)]
+    p = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if p.returncode != 0:
+        raise RuntimeError(f"{shlex.join(cmd)} exited {p.returncode}: {p.stderr[-1000:]}")
+    d = json.loads(p.stdout)
+    return [d], d["start_at"]
+
+
+def tiny_client_desc(cfg):
+    """One phrase, for the report, naming the client that sent the tiny jobs."""
+    if cfg.load_client:
+        threads = f"{cfg.client_threads} tokio thread" + ("s" if cfg.client_threads != 1 else "")
+        return (f"{cfg.clients} concurrent keep-alive HTTP/1.1 connections from one Rust client process "
+                f"(`examples/tiny_load.rs`: reqwest, {threads})")
+    return (f"{cfg.clients} concurrent keep-alive HTTP/1.1 connections from {cfg.client_procs} Python client processes "
+            f"({cfg.clients // cfg.client_procs} threads each, a raw-socket client)")
+
+
+def tiny_run(srv, cfg, mode, njobs, strategy, rate=None):
+    client = tiny_client_rust if cfg.load_client else tiny_client_python
+    cpu0, w0 = srv.cpu(), time.monotonic()
+    parts, start_at = client(srv, cfg, mode, njobs, strategy, rate)
     w1 = time.monotonic()
     server_cpu = srv.cpu() - cpu0
     res = [r for p in parts for r in p["results"]]
@@ -648,7 +680,8 @@ def tiny_run(srv, cfg, mode, njobs, strategy, rate=None):
             raise RuntimeError(f"tiny job {r[7]} has a wrong result: {b[:200]!r}")
     conn.close()
     # The phase runs from the agreed start instant to the last job seen ended
-    # (client CPU is counted from each client function's start, after imports).
+    # (client CPU is counted from each Python client function's start, after
+    # imports; the Rust client counts from just before the start instant).
     phase = last - start_at
     out = {
         "strategy": strategy,
@@ -836,7 +869,9 @@ def build_report(cfg, env, R):
     if env.get("load"):
         (b1, _, _), (e1, _, _) = env["load"]
         a(f"- Load average (1 min) before the run {b1:.2f}, after {e1:.2f} (other work on the machine skews every figure)")
-    a(f"- Client: Python {platform.python_version()} (stdlib only); server and client share the same cores")
+    py = f"Python {platform.python_version()} (stdlib only)"
+    who = f"tiny jobs over {tiny_client_desc(cfg)}, `{cfg.load_client}`; every other case from {py}" if cfg.load_client else f"{py} for every case"
+    a(f"- Client: {who}; server and client share the same cores")
     a(
         f"- Mode: {'--quick' if cfg.quick else 'full'}; big jobs {', '.join(human(n) for n in cfg.sizes)} numbers, "
         f"{cfg.repeats} repeat(s)" + (f" ({cfg.repeats_for(10**8)} for 10^8)" if 10**8 in cfg.sizes and cfg.repeats_for(10**8) != cfg.repeats else "")
@@ -897,7 +932,7 @@ def build_report(cfg, env, R):
 
     # ---- tiny
     a("## Tiny jobs (10 numbers each, SQLite)\n")
-    a(f"{cfg.clients} concurrent keep-alive HTTP clients in {cfg.client_procs} client processes; each job `{{\"numbers\": [10 numbers], \"strategy\": S, \"cores\": {cfg.tiny_cores}}}`. "
+    a(f"{tiny_client_desc(cfg)}; each job `{{\"numbers\": [10 numbers], \"strategy\": S, \"cores\": {cfg.tiny_cores}}}`. "
       "Closed loop: every client submits its share as fast as it can, then long-polls each of its jobs until it ended; "
       "jobs/s = jobs / (first submit → last job seen ended), and the server-side figure is jobs / (first `created_at` → last `finished_at`). "
       "CPU columns are CPU-seconds per second of the phase (1.00 = one full core).\n")
@@ -1062,6 +1097,8 @@ class Config:
         self.tiny_jobs = args.tiny_jobs or (3000 if args.quick else 10000)
         self.clients = 64
         self.client_procs = args.client_procs
+        self.load_client = load_client(args)  # None: the Python client
+        self.client_threads = 1
         self.tiny_cores = 1
         self.open_seconds = 4.0 if args.quick else 10.0
         self.idle_jobs = args.idle_jobs or (50 if args.quick else 200)
@@ -1073,6 +1110,16 @@ class Config:
 
     def dl_repeats_for(self, n):
         return 1 if n >= 10**8 else self.repeats
+
+
+def load_client(args):
+    """The tiny_load binary to use, or None for the Python client."""
+    if args.load_client == "python":
+        return None
+    if args.load_client:
+        return os.path.realpath(args.load_client)
+    beside = os.path.join(os.path.dirname(os.path.realpath(args.squared)), "examples", "tiny_load")
+    return beside if os.access(beside, os.X_OK) else None
 
 
 def main():
@@ -1087,13 +1134,18 @@ def main():
     ap.add_argument("--tiny-jobs", type=int, help="tiny jobs in the closed-loop run (default 10000, --quick 3000)")
     ap.add_argument("--idle-jobs", type=int, help="jobs for idle latency (default 200, --quick 50)")
     ap.add_argument("--seed-small", type=int, help="N for the process-per-number seed pattern (default 5000, --quick 1000)")
-    ap.add_argument("--client-procs", type=int, default=4, help="client processes for tiny jobs (64 connections split over them)")
+    ap.add_argument("--load-client", metavar="PATH", help="tiny-jobs client: the tiny_load binary (`cargo build --release --example tiny_load`), or "
+                    "`python` for the Python client (default: examples/tiny_load beside the --squared binary when it is there, else python)")
+    ap.add_argument("--client-procs", type=int, default=4, help="Python tiny-jobs client only: client processes (64 connections split over them)")
     args = ap.parse_args()
     if not os.access(args.squared, os.X_OK):
         ap.error(f"{args.squared} is not an executable")
     if 64 % args.client_procs:
         ap.error("--client-procs must divide 64")
+    if args.load_client not in (None, "python") and not os.access(args.load_client, os.X_OK):
+        ap.error(f"--load-client {args.load_client} is not an executable (build it with `cargo build --release --example tiny_load`)")
     cfg = Config(args)
+    log(f"tiny jobs client: {cfg.load_client or 'Python'}")
     started = time.time()
     load_before = os.getloadavg()
     commit, _ = git_commit(cfg.binary)
@@ -1152,6 +1204,7 @@ def main():
         "load": (load_before, os.getloadavg()),
         "commit": commit,
         "binary": cfg.binary,
+        "tiny_client": cfg.load_client or "python",
     }
     report = build_report(cfg, env, R)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
