@@ -28,7 +28,7 @@ use crate::domain::{now_micros, ChunkPlan, JobStatus, Problem, Strategy, Transpo
 use crate::events::{Events, JobEvent};
 use crate::exec::{self, ChunkWork, ExecError, Inputs, Lane, LaneKind, Sink, WorkerCommand};
 use crate::metrics::{FinishedLabels, Metrics};
-use crate::store::{ChunkRecord, Claim, ClaimedJob, Store, StoreResult};
+use crate::store::{ChunkRecord, Claim, ClaimedJob, NextClaim, Store, StoreResult};
 
 /// The fallback poll, for work that arrived without a wake-up.
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -507,15 +507,19 @@ impl Scheduler {
     fn run_lane(self: &Arc<Self>, local: Arc<LocalJob>, permit: OwnedSemaphorePermit) {
         let mut local = local;
         loop {
-            {
+            let claimed = {
                 // Every log line of the lane names the job and the request that created it.
                 let request_id = local.job.request_id.as_deref().unwrap_or("");
                 let span = tracing::info_span!("job", job = %local.job.id, request_id = %request_id);
                 let _entered = span.enter();
-                LaneRun { s: self, local: &local }.run();
-            }
+                LaneRun { s: self, local: &local }.run()
+            };
             self.lane_gone(&local);
-            match self.claim_for_lane() {
+            let next = match claimed {
+                Some(claim) => claim.map(|claim| self.join(claim)),
+                None => self.claim_for_lane(),
+            };
+            match next {
                 Some(next) => local = next,
                 None => break,
             }
@@ -725,18 +729,25 @@ impl LaneRun<'_> {
         }
     }
 
-    fn run(&self) {
+    /// Runs the job's chunks here until none are left. Returns the claim
+    /// that came with completing the job's last chunk (`Some(None)`: no work
+    /// waits), or `None` if no claim was tried.
+    fn run(&self) -> Option<Option<Claim>> {
         let s = self.s;
         let job = self.job();
         let index = self.local.next_lane.fetch_add(1, Ordering::SeqCst);
-        let Some(mut chunk) = self.next_chunk() else { return };
+        let mut chunk = self.next_chunk()?;
         let (mut worker, mut spawn) = match self.start_worker(index) {
             Ok(started) => started,
-            Err(e) => return self.fail(&e),
+            Err(e) => {
+                self.fail(&e);
+                return None;
+            }
         };
         let cached = self.local.input.clone().map(|numbers| (0, numbers));
         let mut inputs = StoreInputs { s, control: self.control(), job: job.id, cached };
         let strategy = Metrics::strategy(job.strategy.as_str());
+        let mut claimed = None;
         loop {
             let chunk_start = now_micros();
             let started = Instant::now();
@@ -769,7 +780,10 @@ impl LaneRun<'_> {
                     self.backoff(delay);
                     let (fresh, took) = match self.start_worker(index) {
                         Ok(started) => started,
-                        Err(e) => return self.fail(&e),
+                        Err(e) => {
+                            self.fail(&e);
+                            return None;
+                        }
                     };
                     worker = fresh;
                     spawn += took;
@@ -792,13 +806,19 @@ impl LaneRun<'_> {
                 store_ms: sink.spent.as_secs_f64() * 1000.0,
             };
             let last = sink.held.as_ref().map(|(pos, squares)| (*pos, squares.as_slice()));
+            // Once the job is done, its lane goes on to the next job: claim it in the same round trip.
+            let next = (!s.draining.load(Ordering::SeqCst))
+                .then(|| NextClaim { node: &s.config.node, lease_until: s.lease_until() });
             let completed = s.db(self.control(), "complete chunk", || {
-                s.store.complete_chunk(job.id, &chunk, &record, last, now_micros())
+                s.store.complete_chunk(job.id, &chunk, &record, last, now_micros(), next)
             });
             let mut finished = false;
             match completed {
                 Ok(Some(done)) => {
                     finished = done.finished_wall_ms.is_some();
+                    if finished && next.is_some() {
+                        claimed = Some(done.next);
+                    }
                     let status = match done.finished_wall_ms {
                         Some(wall_ms) => {
                             s.count_finished(job, JobStatus::Succeeded, wall_ms);
@@ -822,6 +842,7 @@ impl LaneRun<'_> {
             }
         }
         self.retire(worker);
+        claimed
     }
 }
 

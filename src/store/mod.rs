@@ -176,11 +176,23 @@ pub struct ChunkRecord {
 }
 
 /// What completing a chunk did.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Completion {
     pub progress: Progress,
     /// Set when this was the job's last chunk: the job has succeeded, in this many ms of wall time.
     pub finished_wall_ms: Option<f64>,
+    /// When the job finished and the completion asked for it ([`NextClaim`]):
+    /// the node's next claim, `None` when no work is waiting.
+    pub next: Option<Claim>,
+}
+
+/// Asks `complete_chunk` to claim one chunk of the next job for `node` once
+/// the job is finished, in the same round trip: the lane that ran the last
+/// chunk goes straight on to the next job.
+#[derive(Debug, Clone, Copy)]
+pub struct NextClaim<'a> {
+    pub node: &'a str,
+    pub lease_until: i64,
 }
 
 /// What a webhook delivery attempt led to.
@@ -291,8 +303,9 @@ delegate! {
     fn put_segment(&self, id: Uuid, chunk: u32, node: &str, pos: u64, squares: &[i64]) -> StoreResult<bool>;
     /// Stores the chunk's `last` segment (if given), marks the chunk done and,
     /// for the job's last chunk, ends the job — one transaction; `None` if
-    /// `node` no longer owns the chunk.
-    fn complete_chunk(&self, id: Uuid, chunk: &ChunkPlan, record: &ChunkRecord, last: Option<(u64, &[i64])>, now: i64) -> StoreResult<Option<Completion>>;
+    /// `node` no longer owns the chunk. With `next`, a finished job's lane
+    /// also gets its next claim (see [`Completion::next`]).
+    fn complete_chunk(&self, id: Uuid, chunk: &ChunkPlan, record: &ChunkRecord, last: Option<(u64, &[i64])>, now: i64, next: Option<NextClaim<'_>>) -> StoreResult<Option<Completion>>;
     /// Ends a job as failed (first ending wins); false if it had already ended.
     fn fail_job(&self, id: Uuid, problem: &Problem, now: i64) -> StoreResult<bool>;
     /// Cancels a job that has not ended, dropping any partial result.

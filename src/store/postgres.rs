@@ -361,6 +361,7 @@ impl PgStore {
         record: &ChunkRecord,
         last: Option<(u64, &[i64])>,
         now: i64,
+        next: Option<NextClaim<'_>>,
     ) -> StoreResult<Option<Completion>> {
         let id_text = id.to_string();
         let mut tx = self.writer.begin().await?;
@@ -402,7 +403,19 @@ impl PgStore {
             finished_wall_ms = finish(&mut tx, &id_text, JobStatus::Succeeded, None, now).await?;
         }
         tx.commit().await?;
-        Ok(Some(Completion { progress, finished_wall_ms }))
+        let next = match (finished_wall_ms, next) {
+            // The job is stored as done whatever happens here: a failed claim
+            // only leaves the next job to the claim loop.
+            (Some(_), Some(next)) => match self.claim(next.node, 1, next.lease_until).await {
+                Ok(mut claims) => claims.pop(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "claiming after a completion failed");
+                    None
+                }
+            },
+            _ => None,
+        };
+        Ok(Some(Completion { progress, finished_wall_ms, next }))
     }
 
     pub async fn fail_job(&self, id: Uuid, problem: &Problem, now: i64) -> StoreResult<bool> {

@@ -175,32 +175,7 @@ impl SqliteStore {
 
     pub async fn claim(&self, node: &str, lanes: u32, lease_until: i64) -> StoreResult<Vec<Claim>> {
         let node = node.to_string();
-        self.writer
-            .write(move |c| {
-                let candidates = stmt(c, &CANDIDATES)?
-                    .query_map(params![CLAIM_WINDOW], |r| r.get::<_, String>(0))?
-                    .collect::<Result<Vec<_>, _>>()?;
-                let mut claims = Vec::new();
-                let mut free = lanes;
-                for id in candidates {
-                    if free == 0 {
-                        break;
-                    }
-                    let id = parse_uuid(&id)?;
-                    match claim_job(c, id, &node, free, lease_until) {
-                        Ok(Some(claim)) => {
-                            free -= claim.chunks.len() as u32;
-                            claims.push(claim);
-                        }
-                        Ok(None) => {}
-                        // One bad job must not stop every other job from being claimed.
-                        Err(e @ StoreError::Corrupt(_)) => tracing::error!(job = %id, error = %e, "skipping a job"),
-                        Err(e) => return Err(e),
-                    }
-                }
-                Ok(claims)
-            })
-            .await
+        self.writer.write(move |c| claim(c, &node, lanes, lease_until)).await
     }
 
     pub async fn claim_next(&self, id: Uuid, node: &str, lease_until: i64) -> StoreResult<Option<ChunkPlan>> {
@@ -278,8 +253,10 @@ impl SqliteStore {
         record: &ChunkRecord,
         last: Option<(u64, &[i64])>,
         now: i64,
+        next: Option<NextClaim<'_>>,
     ) -> StoreResult<Option<Completion>> {
         let (id, chunk, record) = (id.to_string(), *chunk, record.clone());
+        let next = next.map(|n| (n.node.to_string(), n.lease_until));
         let last = last.map(|(pos, squares)| (pos as i64, squares.len() as i64, le_bytes(squares).into_owned()));
         self.writer
             .write(move |c| {
@@ -311,7 +288,11 @@ impl SqliteStore {
                 if progress.chunks_done == progress.chunks_total {
                     finished_wall_ms = finish(c, &id, JobStatus::Succeeded, None, now)?;
                 }
-                Ok(Some(Completion { progress, finished_wall_ms }))
+                let next = match (finished_wall_ms, next) {
+                    (Some(_), Some((node, lease_until))) => claim(c, &node, 1, lease_until)?.pop(),
+                    _ => None,
+                };
+                Ok(Some(Completion { progress, finished_wall_ms, next }))
             })
             .await
     }
@@ -398,6 +379,32 @@ impl SqliteStore {
             })
             .await
     }
+}
+
+/// Claims up to `lanes` chunks for `node` (see `Store::claim`).
+fn claim(c: &Connection, node: &str, lanes: u32, lease_until: i64) -> StoreResult<Vec<Claim>> {
+    let candidates = stmt(c, &CANDIDATES)?
+        .query_map(params![CLAIM_WINDOW], |r| r.get::<_, String>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut claims = Vec::new();
+    let mut free = lanes;
+    for id in candidates {
+        if free == 0 {
+            break;
+        }
+        let id = parse_uuid(&id)?;
+        match claim_job(c, id, node, free, lease_until) {
+            Ok(Some(claim)) => {
+                free -= claim.chunks.len() as u32;
+                claims.push(claim);
+            }
+            Ok(None) => {}
+            // One bad job must not stop every other job from being claimed.
+            Err(e @ StoreError::Corrupt(_)) => tracing::error!(job = %id, error = %e, "skipping a job"),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(claims)
 }
 
 /// The claim scan, on the index that yields jobs in claim order.
