@@ -513,9 +513,18 @@ async fn finish(
     error: Option<&Problem>,
     now: i64,
 ) -> StoreResult<Option<f64>> {
-    let row = sqlx::query(q::FINISH_TOTALS).bind(id).fetch_one(&mut **tx).await?;
-    let sums = [row.get("spawn_ms"), row.get("compute_ms"), row.get("store_ms")];
-    let (timing, wall_ms) = timing_totals(row.get("created_at"), row.get("started_at"), sums, now);
+    let row = sqlx::query(q::JOB_TIMES).bind(id).fetch_one(&mut **tx).await?;
+    let chunks = sqlx::query(q::DONE_CHUNKS)
+        .bind(id)
+        .fetch_all(&mut **tx)
+        .await?
+        .iter()
+        .map(|r| {
+            let times = ["start_ms", "duration_ms", "spawn_ms", "compute_ms", "store_ms"].map(|c| r.get(c));
+            done_chunk(r.get("idx"), r.get("pos"), r.get("len"), r.get("worker"), r.get("node"), times, r.get("runs"))
+        })
+        .collect();
+    let (timing, wall_ms) = timing_totals(row.get("created_at"), row.get("started_at"), chunks, now);
     let ended = sqlx::query(q::FINISH_JOB)
         .bind(id)
         .bind(status.as_str())

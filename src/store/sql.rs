@@ -7,13 +7,25 @@
 use uuid::Uuid;
 
 use super::{StoreError, StoreResult};
-use crate::domain::{JobStatus, Strategy, Transport};
+use crate::domain::{ChunkTiming, JobStatus, Strategy, Transport};
 
 /// Totals kept in `jobs.timing` once a job has ended.
 #[derive(serde::Serialize, serde::Deserialize)]
 pub(super) struct TimingTotals {
     pub queue_ms: f64,
     pub wall_ms: f64,
+    pub spawn_ms: f64,
+    pub compute_ms: f64,
+    pub store_ms: f64,
+    /// The done chunks' timings (rounded), kept with the totals so reading
+    /// an ended job is one query; absent in rows written before they were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks: Option<Vec<ChunkTiming>>,
+}
+
+/// A done chunk's timing, with what its job's totals add up.
+pub(super) struct DoneChunk {
+    pub timing: ChunkTiming,
     pub spawn_ms: f64,
     pub compute_ms: f64,
     pub store_ms: f64,
@@ -70,11 +82,10 @@ pub(super) mod q {
     pub const JOB_PROGRESS: &str = "UPDATE jobs SET chunks_done = chunks_done + 1, \
          chunks_running = chunks_running - 1, numbers_done = numbers_done + $2, version = version + 1 \
          WHERE id = $1 RETURNING chunks_done, chunks_total, numbers_done";
-    pub const FINISH_TOTALS: &str = "SELECT j.created_at, j.started_at, \
-         COALESCE((SELECT SUM(spawn_ms) FROM chunks WHERE job_id = $1 AND state = 'done'), 0.0) AS spawn_ms, \
-         COALESCE((SELECT SUM(compute_ms) FROM chunks WHERE job_id = $1 AND state = 'done'), 0.0) AS compute_ms, \
-         COALESCE((SELECT SUM(store_ms) FROM chunks WHERE job_id = $1 AND state = 'done'), 0.0) AS store_ms \
-         FROM jobs j WHERE j.id = $1";
+    /// The done chunks' timings, in order ([`DoneChunk`] columns).
+    pub const DONE_CHUNKS: &str = "SELECT idx, pos, len, worker, node, start_ms, duration_ms, runs, spawn_ms, \
+         compute_ms, store_ms FROM chunks WHERE job_id = $1 AND state = 'done' ORDER BY idx";
+    pub const JOB_TIMES: &str = "SELECT created_at, started_at FROM jobs WHERE id = $1";
     pub const FINISH_JOB: &str = "UPDATE jobs SET status = $2, finished_at = $3, timing = $4, error = $5, \
          chunks_running = 0, chunks_ready = 0, version = version + 1 \
          WHERE id = $1 AND status IN ('queued', 'running')";
@@ -187,23 +198,54 @@ impl ClaimRow {
     }
 }
 
-/// The timing totals of an ending job, from [`q::FINISH_TOTALS`]'s row, as JSON
-/// (`None` if it never started), and its wall time in ms.
+/// The timing of an ending job from its done chunks, as JSON (`None` if it
+/// never started), and its wall time in ms.
 pub(super) fn timing_totals(
     created_at: i64,
     started_at: Option<i64>,
-    sums: [f64; 3],
+    chunks: Vec<DoneChunk>,
     now: i64,
 ) -> (Option<String>, f64) {
     let wall_ms = started_at.map_or(0.0, |s| (now - s) as f64 / 1000.0);
     let totals = TimingTotals {
         queue_ms: started_at.map_or(0.0, |s| (s - created_at) as f64 / 1000.0),
         wall_ms,
-        spawn_ms: sums[0],
-        compute_ms: sums[1],
-        store_ms: sums[2],
+        spawn_ms: chunks.iter().map(|c| c.spawn_ms).sum(),
+        compute_ms: chunks.iter().map(|c| c.compute_ms).sum(),
+        store_ms: chunks.iter().map(|c| c.store_ms).sum(),
+        chunks: Some(chunks.into_iter().map(|c| c.timing).collect()),
     };
     (started_at.map(|_| serde_json::to_string(&totals).expect("timing serialises")), wall_ms)
+}
+
+/// A done chunk from a [`q::DONE_CHUNKS`] row, whatever the driver:
+/// `worker`, `node` and the times are NULL until a chunk is done.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn done_chunk(
+    idx: i64,
+    pos: i64,
+    len: i64,
+    worker: Option<String>,
+    node: Option<String>,
+    times: [Option<f64>; 5],
+    runs: i64,
+) -> DoneChunk {
+    let [start_ms, duration_ms, spawn_ms, compute_ms, store_ms] = times.map(|t| t.unwrap_or(0.0));
+    DoneChunk {
+        timing: ChunkTiming {
+            index: idx as u32,
+            offset: pos as u64,
+            len: len as u64,
+            worker: worker.unwrap_or_default(),
+            node: node.unwrap_or_default(),
+            start_ms: round_ms(start_ms),
+            duration_ms: round_ms(duration_ms),
+            runs: runs as u32,
+        },
+        spawn_ms,
+        compute_ms,
+        store_ms,
+    }
 }
 
 /// How many chunks a claim of up to `max` takes from a job with these counters.
@@ -365,7 +407,10 @@ macro_rules! sql_reads {
                             spawn_ms: round_ms(t.spawn_ms),
                             compute_ms: round_ms(t.compute_ms),
                             store_ms: round_ms(t.store_ms),
-                            chunks: self.chunk_timings(id).await?,
+                            chunks: match t.chunks {
+                                Some(chunks) => chunks,
+                                None => self.chunk_timings(id).await?,
+                            },
                         })
                     }
                 };
@@ -410,25 +455,23 @@ macro_rules! sql_reads {
                 })
             }
 
+            /// The chunk timings of a job that ended before the document kept them.
             async fn chunk_timings(&self, id: Uuid) -> StoreResult<Vec<ChunkTiming>> {
-                let rows = sqlx::query(
-                    "SELECT idx, pos, len, worker, node, start_ms, duration_ms, runs FROM chunks \
-                     WHERE job_id = $1 AND state = 'done' ORDER BY idx",
-                )
-                .bind(id.to_string())
-                .fetch_all(&self.readers)
-                .await?;
+                let rows = sqlx::query(q::DONE_CHUNKS).bind(id.to_string()).fetch_all(&self.readers).await?;
                 Ok(rows
                     .iter()
-                    .map(|r| ChunkTiming {
-                        index: r.get::<i64, _>("idx") as u32,
-                        offset: r.get::<i64, _>("pos") as u64,
-                        len: r.get::<i64, _>("len") as u64,
-                        worker: r.get::<Option<String>, _>("worker").unwrap_or_default(),
-                        node: r.get::<Option<String>, _>("node").unwrap_or_default(),
-                        start_ms: round_ms(r.get::<Option<f64>, _>("start_ms").unwrap_or(0.0)),
-                        duration_ms: round_ms(r.get::<Option<f64>, _>("duration_ms").unwrap_or(0.0)),
-                        runs: r.get::<i64, _>("runs") as u32,
+                    .map(|r| {
+                        let times = ["start_ms", "duration_ms", "spawn_ms", "compute_ms", "store_ms"].map(|c| r.get(c));
+                        done_chunk(
+                            r.get("idx"),
+                            r.get("pos"),
+                            r.get("len"),
+                            r.get("worker"),
+                            r.get("node"),
+                            times,
+                            r.get("runs"),
+                        )
+                        .timing
                     })
                     .collect())
             }

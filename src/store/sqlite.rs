@@ -486,10 +486,14 @@ fn claim_job(c: &Connection, id: Uuid, node: &str, max: u32, lease_until: i64) -
 /// totals, and releases its running chunks. Returns the wall time, or `None`
 /// if the job had already ended.
 fn finish(c: &Connection, id: &str, status: JobStatus, error: Option<&Problem>, now: i64) -> StoreResult<Option<f64>> {
-    let (created_at, started_at, sums) = stmt(c, q::FINISH_TOTALS)?.query_row(params![id], |r| {
-        Ok((r.get("created_at")?, r.get("started_at")?, [r.get("spawn_ms")?, r.get("compute_ms")?, r.get("store_ms")?]))
-    })?;
-    let (timing, wall_ms) = timing_totals(created_at, started_at, sums, now);
+    let (created_at, started_at) = stmt(c, q::JOB_TIMES)?.query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let chunks = stmt(c, q::DONE_CHUNKS)?
+        .query_map(params![id], |r| {
+            let times = [r.get(5)?, r.get(6)?, r.get(8)?, r.get(9)?, r.get(10)?];
+            Ok(done_chunk(r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, times, r.get(7)?))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let (timing, wall_ms) = timing_totals(created_at, started_at, chunks, now);
     let error = error.map(|e| serde_json::to_string(e).expect("problem serialises"));
     if stmt(c, q::FINISH_JOB)?.execute(params![id, status.as_str(), now, timing, error])? == 0 {
         return Ok(None);
