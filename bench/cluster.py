@@ -48,17 +48,32 @@ def fresh_database(admin_url, name):
     return urllib.parse.urlunsplit(parts._replace(path="/" + name))
 
 
-def tiny(nodes, jobs, clients=64, procs=4):
+def tiny(nodes, jobs, load_client, clients=64, procs=4):
     """Closed loop over all nodes; returns completed jobs/s and a correctness count."""
-    ctx = multiprocessing.get_context("spawn")
-    start_at = time.monotonic() + 1.5
-    per = clients // procs
-    work = []
-    for p in range(procs):
-        node = nodes[p % len(nodes)]
-        work.append((node.host, node.port, "closed", list(range(jobs))[p::procs], per, start_at, "threads", 1, None, p))
-    with ctx.Pool(procs) as pool:
-        parts = pool.map(run._tiny_client, work)
+    if load_client:
+        # One Rust client per node (examples/tiny_load), started together, the
+        # clients and jobs split evenly among them.
+        procs_ = []
+        for i, node in enumerate(nodes):
+            cmd = [load_client, "--url", f"http://{node.host}:{node.port}", "--jobs", str(len(range(jobs)[i::len(nodes)])),
+                   "--clients", str(clients // len(nodes)), "--strategy", "threads", "--mode", "closed"]
+            procs_.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        parts = []
+        for p in procs_:
+            out, err = p.communicate()
+            if p.returncode != 0:
+                raise RuntimeError(f"tiny_load exited {p.returncode}: {err[-1000:]}")
+            parts.append(json.loads(out))
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        start_at = time.monotonic() + 1.5
+        per = clients // procs
+        work = []
+        for p in range(procs):
+            node = nodes[p % len(nodes)]
+            work.append((node.host, node.port, "closed", list(range(jobs))[p::procs], per, start_at, "threads", 1, None, p))
+        with ctx.Pool(procs) as pool:
+            parts = pool.map(run._tiny_client, work)
     res = [r for part in parts for r in part["results"]]
     errors = sum(part["n_errors"] for part in parts)
     ok = sum(1 for r in res if r[4] == "succeeded")
@@ -95,7 +110,15 @@ def main():
     ap.add_argument("--postgres", required=True, help="admin URL; a fresh database is created beside it")
     ap.add_argument("--jobs", type=int, default=3000)
     ap.add_argument("--out", help="append the Markdown section to this file")
+    ap.add_argument("--load-client", help="tiny-jobs client: PATH of examples/tiny_load, or `python` "
+                    "(default: examples/tiny_load beside --squared if built, else python)")
     args = ap.parse_args()
+    load_client = args.load_client
+    if load_client is None:
+        beside = os.path.join(os.path.dirname(os.path.abspath(args.squared)), "examples", "tiny_load")
+        load_client = beside if os.path.exists(beside) else "python"
+    if load_client == "python":
+        load_client = None
     rows = []
     for label, nodes_n, pg in [("SQLite", 1, False), ("PostgreSQL", 1, True), ("PostgreSQL", 3, True)]:
         name = f"squared_bench_{os.getpid()}_{nodes_n}"
@@ -103,7 +126,7 @@ def main():
         run.log(f"cluster bench: {label}, {nodes_n} node(s)")
         nodes = setup(args.squared, database, nodes_n) if pg else [run.Server(args.squared, max_numbers=10**7)]
         try:
-            t = tiny(nodes, args.jobs)
+            t = tiny(nodes, args.jobs, load_client)
             b6 = big(nodes, 10**6)
             b7 = big(nodes, 10**7)
         finally:
@@ -119,6 +142,8 @@ def main():
         "",
         f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `{cmd}`, on the same machine as above;",
         "every node shares its 2 cores, so 3 nodes show the cost of coordinating through PostgreSQL, not more capacity.",
+        "Tiny jobs: " + ("one `examples/tiny_load` client per node, 64 connections in all, started together."
+                         if load_client else "4 Python client processes, 64 connections in all, round-robin over the nodes."),
         "",
         "| database | nodes | tiny jobs/s (64 clients, threads) | succeeded | 10^6 job s (cores = 2 × nodes) | 10^7 job s | nodes a big job ran on |",
         "|---|---|---|---|---|---|---|",
