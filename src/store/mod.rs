@@ -327,7 +327,8 @@ delegate! {
     fn job_summaries(&self, ids: &[Uuid]) -> StoreResult<Vec<JobSummary>>;
     /// Deletes a job that has ended, with its result.
     fn delete_job(&self, id: Uuid) -> StoreResult<Deleted>;
-    /// Deletes up to `batch` jobs that finished before `cutoff`, and expired idempotency keys.
+    /// Deletes up to `batch` jobs that finished before `cutoff`, expired
+    /// idempotency keys, and comparisons from before `cutoff` whose jobs are all gone.
     fn purge_finished(&self, cutoff: i64, now: i64, batch: u32) -> StoreResult<u64>;
 }
 

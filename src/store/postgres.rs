@@ -341,16 +341,23 @@ impl PgStore {
     }
 
     pub async fn put_segment(&self, id: Uuid, chunk: u32, node: &str, pos: u64, squares: &[i64]) -> StoreResult<bool> {
+        let id_text = id.to_string();
+        let mut tx = self.writer.begin().await?;
+        // The job row, shared: an ending (cancel, failure) waits for this
+        // segment and then deletes it, or this insert waits for the ending
+        // and then finds the chunk no longer running.
+        sqlx::query("SELECT 1 FROM jobs WHERE id = $1 FOR SHARE").bind(&id_text).execute(&mut *tx).await?;
         let stored = sqlx::query(q::PUT_SEGMENT)
-            .bind(id.to_string())
+            .bind(&id_text)
             .bind(pos as i64)
             .bind(squares.len() as i64)
             .bind(&*le_bytes(squares))
             .bind(chunk as i64)
             .bind(node)
-            .execute(&self.writer)
+            .execute(&mut *tx)
             .await?
             .rows_affected();
+        tx.commit().await?;
         Ok(stored > 0)
     }
 
@@ -470,6 +477,7 @@ impl PgStore {
         let deleted =
             sqlx::query(q::PURGE_JOBS).bind(cutoff).bind(batch as i64).execute(&mut *tx).await?.rows_affected();
         sqlx::query(q::PURGE_KEYS).bind(now).bind(batch as i64).execute(&mut *tx).await?;
+        sqlx::query(q::PURGE_COMPARISONS).bind(cutoff).bind(batch as i64).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(deleted)
     }
@@ -537,11 +545,11 @@ async fn finish(
     if ended == 0 {
         return Ok(None);
     }
+    sqlx::query(q::RELEASE_JOB_CHUNKS).bind(id).execute(&mut **tx).await?;
     if status != JobStatus::Succeeded {
         sqlx::query(q::DELETE_RESULTS).bind(id).execute(&mut **tx).await?;
     }
     sqlx::query(q::WEBHOOK_DUE).bind(id).bind(now).execute(&mut **tx).await?;
-    sqlx::query(q::RELEASE_JOB_CHUNKS).bind(id).execute(&mut **tx).await?;
     notify(tx, JOBS_CHANNEL, &format!("{id} {}", status.as_str())).await?;
     Ok(Some(wall_ms))
 }

@@ -105,6 +105,11 @@ pub(super) mod q {
          AND finished_at < $1 AND status IN ('succeeded', 'failed', 'canceled') ORDER BY finished_at LIMIT $2)";
     pub const PURGE_KEYS: &str = "DELETE FROM idempotency_keys WHERE key IN \
          (SELECT key FROM idempotency_keys WHERE expires_at <= $1 LIMIT $2)";
+    /// Comparisons older than the cutoff none of whose jobs is left (their
+    /// jobs carry `metadata.comparison`).
+    pub const PURGE_COMPARISONS: &str = "DELETE FROM comparisons WHERE id IN (SELECT c.id FROM comparisons c \
+         WHERE c.created_at < $1 AND NOT EXISTS (SELECT 1 FROM job_metadata m \
+         WHERE m.key = 'comparison' AND m.value = c.id) LIMIT $2)";
     pub const INSERT_COMPARISON: &str =
         "INSERT INTO comparisons (id, created_at, request, cells) VALUES ($1, $2, $3, $4)";
     pub const JOB_STATUS: &str = "SELECT status FROM jobs WHERE id = $1";

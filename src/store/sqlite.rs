@@ -344,6 +344,7 @@ impl SqliteStore {
             .write(move |c| {
                 let deleted = stmt(c, q::PURGE_JOBS)?.execute(params![cutoff, batch as i64])?;
                 stmt(c, q::PURGE_KEYS)?.execute(params![now, batch as i64])?;
+                stmt(c, q::PURGE_COMPARISONS)?.execute(params![cutoff, batch as i64])?;
                 Ok(deleted as u64)
             })
             .await
@@ -498,10 +499,10 @@ fn finish(c: &Connection, id: &str, status: JobStatus, error: Option<&Problem>, 
     if stmt(c, q::FINISH_JOB)?.execute(params![id, status.as_str(), now, timing, error])? == 0 {
         return Ok(None);
     }
+    stmt(c, q::RELEASE_JOB_CHUNKS)?.execute(params![id])?;
     if status != JobStatus::Succeeded {
         stmt(c, q::DELETE_RESULTS)?.execute(params![id])?;
     }
     stmt(c, q::WEBHOOK_DUE)?.execute(params![id, now])?;
-    stmt(c, q::RELEASE_JOB_CHUNKS)?.execute(params![id])?;
     Ok(Some(wall_ms))
 }

@@ -248,6 +248,16 @@ async fn retention_deletes_finished_jobs_and_their_results(backend: Backend) {
     let mut server = TestServer::start(backend).await;
     let id = server.submit(&json!({"numbers": [1, 2]})).await;
     server.wait_end(&id, 30).await;
+    let body = json!({"numbers": [3], "strategies": ["threads"], "cores": [1], "repeats": 1});
+    let comparison: Value =
+        server.client.post(server.url("/v1/comparisons")).json(&body).send().await.unwrap().json().await.unwrap();
+    let comparison = format!("/v1/comparisons/{}", comparison["id"].as_str().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.get_json(&comparison).await.1["status"] == "running" {
+        assert!(Instant::now() < deadline, "the comparison did not finish");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(server.get_json(&comparison).await.1["status"], "succeeded");
     server.terminate();
     server.add_args(&["--retention", "1ms"]);
     server.restart();
@@ -257,6 +267,7 @@ async fn retention_deletes_finished_jobs_and_their_results(backend: Backend) {
         server.log()
     );
     assert_eq!(server.get_json(&format!("/v1/jobs/{id}")).await.0, 404);
+    assert_eq!(server.get_json(&comparison).await.0, 404, "the comparison goes with its jobs");
 }
 
 async fn a_full_queue_answers_429_with_retry_after(backend: Backend) {
