@@ -545,11 +545,14 @@ async fn finish(
     if ended == 0 {
         return Ok(None);
     }
-    sqlx::query(q::RELEASE_JOB_CHUNKS).bind(id).execute(&mut **tx).await?;
+    // A job that succeeded has every chunk done and keeps its results.
     if status != JobStatus::Succeeded {
+        sqlx::query(q::RELEASE_JOB_CHUNKS).bind(id).execute(&mut **tx).await?;
         sqlx::query(q::DELETE_RESULTS).bind(id).execute(&mut **tx).await?;
     }
-    sqlx::query(q::WEBHOOK_DUE).bind(id).bind(now).execute(&mut **tx).await?;
+    if row.get::<bool, _>("has_callback") {
+        sqlx::query(q::WEBHOOK_DUE).bind(id).bind(now).execute(&mut **tx).await?;
+    }
     notify(tx, JOBS_CHANNEL, &format!("{id} {}", status.as_str())).await?;
     Ok(Some(wall_ms))
 }

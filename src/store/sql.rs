@@ -85,7 +85,8 @@ pub(super) mod q {
     /// The done chunks' timings, in order ([`DoneChunk`] columns).
     pub const DONE_CHUNKS: &str = "SELECT idx, pos, len, worker, node, start_ms, duration_ms, runs, spawn_ms, \
          compute_ms, store_ms FROM chunks WHERE job_id = $1 AND state = 'done' ORDER BY idx";
-    pub const JOB_TIMES: &str = "SELECT created_at, started_at FROM jobs WHERE id = $1";
+    pub const JOB_TIMES: &str =
+        "SELECT created_at, started_at, callback_url IS NOT NULL AS has_callback FROM jobs WHERE id = $1";
     pub const FINISH_JOB: &str = "UPDATE jobs SET status = $2, finished_at = $3, timing = $4, error = $5, \
          chunks_running = 0, chunks_ready = 0, version = version + 1 \
          WHERE id = $1 AND status IN ('queued', 'running')";

@@ -487,7 +487,8 @@ fn claim_job(c: &Connection, id: Uuid, node: &str, max: u32, lease_until: i64) -
 /// totals, and releases its running chunks. Returns the wall time, or `None`
 /// if the job had already ended.
 fn finish(c: &Connection, id: &str, status: JobStatus, error: Option<&Problem>, now: i64) -> StoreResult<Option<f64>> {
-    let (created_at, started_at) = stmt(c, q::JOB_TIMES)?.query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let (created_at, started_at, has_callback) =
+        stmt(c, q::JOB_TIMES)?.query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, bool>(2)?)))?;
     let chunks = stmt(c, q::DONE_CHUNKS)?
         .query_map(params![id], |r| {
             let times = [r.get(5)?, r.get(6)?, r.get(8)?, r.get(9)?, r.get(10)?];
@@ -499,10 +500,13 @@ fn finish(c: &Connection, id: &str, status: JobStatus, error: Option<&Problem>, 
     if stmt(c, q::FINISH_JOB)?.execute(params![id, status.as_str(), now, timing, error])? == 0 {
         return Ok(None);
     }
-    stmt(c, q::RELEASE_JOB_CHUNKS)?.execute(params![id])?;
+    // A job that succeeded has every chunk done and keeps its results.
     if status != JobStatus::Succeeded {
+        stmt(c, q::RELEASE_JOB_CHUNKS)?.execute(params![id])?;
         stmt(c, q::DELETE_RESULTS)?.execute(params![id])?;
     }
-    stmt(c, q::WEBHOOK_DUE)?.execute(params![id, now])?;
+    if has_callback {
+        stmt(c, q::WEBHOOK_DUE)?.execute(params![id, now])?;
+    }
     Ok(Some(wall_ms))
 }

@@ -4,10 +4,10 @@
 //! SQLite has one writer at a time. Driving it statement by statement from
 //! async tasks costs two thread hand-offs per statement while the write lock
 //! is held (a tiny job needs about twenty statements), so writes are closures
-//! sent here instead: the thread takes whatever is waiting (up to
-//! [`MAX_BATCH`]), runs each in a savepoint of one `BEGIN IMMEDIATE`
-//! transaction, commits once, and only then answers each caller — a caller
-//! never hears "stored" before its write is committed (group commit). A write
+//! sent here instead: the thread runs each in a savepoint of one
+//! `BEGIN IMMEDIATE` transaction, taking writes as long as more are waiting
+//! (up to [`MAX_BATCH`]), commits once, and only then answers each caller — a
+//! caller never hears "stored" before its write is committed (group commit). A write
 //! that fails rolls back to its savepoint alone; a failed commit fails the
 //! whole batch.
 
@@ -76,20 +76,22 @@ impl Writer {
     }
 }
 
-/// The thread: one transaction per batch of waiting writes.
+/// The thread: one transaction per batch. A batch is every write waiting
+/// when it begins and every write that arrives while it runs (up to
+/// [`MAX_BATCH`]): nothing waits for company, yet under load the commits, and
+/// the pages each one writes to the WAL, are shared by many writes.
 fn run(conn: Connection, queue: mpsc::Receiver<Op>) {
     while let Ok(first) = queue.recv() {
-        let mut batch = Vec::with_capacity(16);
-        batch.push(first);
-        batch.extend(queue.try_iter().take(MAX_BATCH - 1));
         let begun = conn.execute_batch("BEGIN IMMEDIATE");
-        let replies: Vec<Reply> = batch
-            .into_iter()
-            .map(|op| match &begun {
+        let mut replies: Vec<Reply> = Vec::with_capacity(16);
+        let mut next = Some(first);
+        while let Some(op) = next {
+            replies.push(match &begun {
                 Ok(()) => op(Ok(&conn)),
                 Err(e) => op(Err(e)),
-            })
-            .collect();
+            });
+            next = if replies.len() < MAX_BATCH { queue.try_recv().ok() } else { None };
+        }
         let committed = begun.and_then(|()| conn.execute_batch("COMMIT"));
         if committed.is_err() && !conn.is_autocommit() {
             if let Err(e) = conn.execute_batch("ROLLBACK") {
