@@ -17,15 +17,17 @@
 //! - [`domain`]: the parsed job request ([`domain::JobSpec`]), the chunk split,
 //!   job statuses and the job document clients see.
 //! - [`store`]: durable state: jobs, their inputs, chunks, result segments,
-//!   webhooks and comparisons; one body of SQL for SQLite and PostgreSQL; the
-//!   only module that writes SQL.
+//!   webhooks and comparisons; one text of SQL for SQLite and PostgreSQL
+//!   (SQLite's writes group-committed on one writer thread); the only module
+//!   that writes SQL.
 //! - [`scheduler`]: claims chunks within the node's core budget (leases,
 //!   heartbeats, rescue of a dead node's chunks), runs them on lanes, keeps a
 //!   warm pool of worker processes, and aborts jobs on cancel, timeout or shutdown.
 //! - [`exec`]: the three strategies behind one lane abstraction, the squaring
 //!   kernel, the worker wire protocol and shared memory.
 //! - [`worker`]: the hidden `squared worker` subprocess entry.
-//! - [`events`]: in-process notifications of job changes (long-poll wake-ups).
+//! - [`events`]: in-process notifications of job changes (per-job watches for
+//!   long-polls and event streams, a broadcast for whole-node listeners).
 //! - [`webhooks`]: signed, retried, SSRF-guarded delivery of final job documents.
 //! - [`metrics`]: Prometheus metrics registry.
 //! - [`api`]: the axum router, one module per resource (jobs, results, events,

@@ -186,16 +186,8 @@ impl PgStore {
                 break;
             }
             let id = parse_uuid(&id)?;
-            match self.claim_job(id, node, free, lease_until, true).await {
-                Ok(Some(claim)) => {
-                    free -= claim.chunks.len() as u32;
-                    claims.push(claim);
-                }
-                Ok(None) => {}
-                // One bad job must not stop every other job from being claimed.
-                Err(e @ StoreError::Corrupt(_)) => tracing::error!(job = %id, error = %e, "skipping a job"),
-                Err(e) => return Err(e),
-            }
+            let claimed = self.claim_job(id, node, free, lease_until, true).await;
+            add_claim(&mut claims, &mut free, id, claimed)?;
         }
         Ok(claims)
     }

@@ -254,6 +254,26 @@ pub(super) fn done_chunk(
     }
 }
 
+/// Adds one job's claim to a claim pass. A corrupt job is logged and skipped:
+/// one bad job must not stop every other job from being claimed.
+pub(super) fn add_claim(
+    claims: &mut Vec<crate::store::Claim>,
+    free: &mut u32,
+    id: Uuid,
+    claimed: StoreResult<Option<crate::store::Claim>>,
+) -> StoreResult<()> {
+    match claimed {
+        Ok(Some(claim)) => {
+            *free -= claim.chunks.len() as u32;
+            claims.push(claim);
+        }
+        Ok(None) => {}
+        Err(e @ StoreError::Corrupt(_)) => tracing::error!(job = %id, error = %e, "skipping a job"),
+        Err(e) => return Err(e),
+    }
+    Ok(())
+}
+
 /// How many chunks a claim of up to `max` takes from a job with these counters.
 pub(super) fn chunks_to_take(strategy: Strategy, cores: i64, running: i64, ready: i64, max: u32) -> i64 {
     let cores = match strategy {

@@ -394,16 +394,8 @@ fn claim(c: &Connection, node: &str, lanes: u32, lease_until: i64) -> StoreResul
             break;
         }
         let id = parse_uuid(&id)?;
-        match claim_job(c, id, node, free, lease_until) {
-            Ok(Some(claim)) => {
-                free -= claim.chunks.len() as u32;
-                claims.push(claim);
-            }
-            Ok(None) => {}
-            // One bad job must not stop every other job from being claimed.
-            Err(e @ StoreError::Corrupt(_)) => tracing::error!(job = %id, error = %e, "skipping a job"),
-            Err(e) => return Err(e),
-        }
+        let claimed = claim_job(c, id, node, free, lease_until);
+        add_claim(&mut claims, &mut free, id, claimed)?;
     }
     Ok(claims)
 }
