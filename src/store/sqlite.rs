@@ -85,23 +85,27 @@ impl SqliteStore {
         let metadata: Vec<(String, String)> = spec.metadata.clone().into_iter().collect();
         self.writer
             .write(move |c| {
-                if let Some((key, body_hash, expires_at)) = idempotency {
+                // Every refusal returns before the first write: a write kept
+                // by an `Ok` answer would outlive the refused submission.
+                if let Some((key, body_hash, _)) = &idempotency {
                     let known = stmt(c, q::IDEMPOTENCY_GET)?
                         .query_row(params![key, created_at], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
                         .optional()?;
                     if let Some((hash, job_id)) = known {
-                        return Ok(match hash == body_hash {
+                        return Ok(match &hash == body_hash {
                             true => Inserted::Existing(parse_uuid(&job_id)?),
                             false => Inserted::KeyReused,
                         });
                     }
-                    stmt(c, q::IDEMPOTENCY_PUT)?.execute(params![key, body_hash, id, expires_at])?;
                 }
                 if let Some(max) = max_queued {
                     let queued: i64 = stmt(c, q::QUEUED_COUNT)?.query_row([], |r| r.get(0))?;
                     if queued as u64 >= max {
                         return Ok(Inserted::QueueFull);
                     }
+                }
+                if let Some((key, body_hash, expires_at)) = idempotency {
+                    stmt(c, q::IDEMPOTENCY_PUT)?.execute(params![key, body_hash, id, expires_at])?;
                 }
                 let (priority, count, cores, strategy, transport, sleep_ms, spin, max_attempts, timeout_ms) = row;
                 stmt(c, q::INSERT_JOB)?.execute(params![

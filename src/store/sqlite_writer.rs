@@ -53,6 +53,8 @@ impl Writer {
     }
 
     /// Runs `write` in the next transaction and answers once it committed.
+    /// An `Ok` keeps everything `write` did (an `Err` undoes it): a write
+    /// that may refuse must do so before its first change.
     pub async fn write<T, F>(&self, write: F) -> StoreResult<T>
     where
         T: Send + 'static,

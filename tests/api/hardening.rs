@@ -276,15 +276,26 @@ async fn a_full_queue_answers_429_with_retry_after(backend: Backend) {
         server.submit(&json!({"numbers": [1, 2], "cores": 2, "chunk_size": 1, "simulate": {"sleep_ms": 500}})).await;
     wait_progress(&server, &blocker, 0).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    server.submit(&json!({"numbers": [1]})).await;
-    server.submit(&json!({"numbers": [2]})).await;
-    let response = server.post_job(&json!({"numbers": [3]})).await;
+    let queued = [server.submit(&json!({"numbers": [1]})).await, server.submit(&json!({"numbers": [2]})).await];
+    let refused = || {
+        server.client.post(server.url("/v1/jobs")).header("idempotency-key", "retry-me").json(&json!({"numbers": [3]}))
+    };
+    let response = refused().send().await.unwrap();
     assert_eq!(response.status(), 429);
     assert_eq!(response.headers()["retry-after"], "1");
     assert_eq!(response.headers()["content-type"], "application/problem+json");
     let problem: Value = response.json().await.unwrap();
     assert_eq!(problem["type"], "/problems/queue-full");
     server.wait_end(&blocker, 30).await;
+    for id in &queued {
+        server.wait_end(id, 30).await;
+    }
+    // A refused submission stored nothing, its idempotency key included: the retry is a new job.
+    let response = refused().send().await.unwrap();
+    assert_eq!(response.status(), 202);
+    let retried: Value = response.json().await.unwrap();
+    let doc = server.wait_end(retried["id"].as_str().unwrap(), 30).await;
+    assert_eq!(doc["status"], "succeeded");
 }
 
 async fn api_keys_guard_v1_but_not_health(backend: Backend) {
