@@ -282,8 +282,6 @@ delegate! {
     fn insert_job(&self, job: &NewJob<'_>) -> StoreResult<Inserted>;
     /// The job document, or `None` for an unknown id.
     fn job(&self, id: Uuid) -> StoreResult<Option<JobDocument>>;
-    /// A job's status, or `None` for an unknown id.
-    fn status(&self, id: Uuid) -> StoreResult<Option<JobStatus>>;
     /// A job's status and number count, or `None` for an unknown id.
     fn status_and_count(&self, id: Uuid) -> StoreResult<Option<(JobStatus, u64)>>;
     /// A page of jobs, newest first.

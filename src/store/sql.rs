@@ -378,14 +378,6 @@ macro_rules! sql_reads {
                 }
             }
 
-            pub async fn status(&self, id: Uuid) -> StoreResult<Option<JobStatus>> {
-                let status: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1")
-                    .bind(id.to_string())
-                    .fetch_optional(&self.readers)
-                    .await?;
-                status.map(|s| parse_status(&s)).transpose()
-            }
-
             pub async fn status_and_count(&self, id: Uuid) -> StoreResult<Option<(JobStatus, u64)>> {
                 let row = sqlx::query("SELECT status, count FROM jobs WHERE id = $1")
                     .bind(id.to_string())
