@@ -179,19 +179,6 @@ impl TestServer {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
-    /// The log once a line has all of `parts`, waiting up to 10 s: a lane
-    /// logs after its write commits, so a client may see the effect first.
-    pub async fn log_with(&self, parts: &[&str]) -> String {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let log = self.log();
-            if log.lines().any(|l| parts.iter().all(|p| l.contains(p))) || Instant::now() > deadline {
-                return log;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
     /// SIGKILL, like a crash or power loss of the process.
     pub fn kill9(&mut self) {
         let mut child = self.child.take().expect("running");
