@@ -11,12 +11,14 @@
 //!
 //! Two backends share one text of SQL ([`sql`]): SQLite (one machine, the
 //! default; writes run on one thread in batched transactions, see
-//! [`sqlite_writer`]) and PostgreSQL (several nodes on one database, claiming
+//! [`sqlite_writer`], reads on a few threads of their own, see
+//! [`sqlite_readers`]) and PostgreSQL (several nodes on one database, claiming
 //! with `FOR UPDATE SKIP LOCKED`, woken by LISTEN/NOTIFY).
 
 mod postgres;
 mod sql;
 mod sqlite;
+mod sqlite_readers;
 mod sqlite_writer;
 
 use std::collections::BTreeMap;
@@ -40,8 +42,8 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("database: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    #[error("SQLite writer: {0}")]
-    Writer(String),
+    #[error("SQLite thread: {0}")]
+    Thread(String),
     #[error("migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored data is corrupt: {0}")]

@@ -6,16 +6,13 @@
 
 use std::time::Duration;
 
-use sqlx::postgres::{PgListener, PgPoolOptions};
+use sqlx::postgres::{PgListener, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
 use super::sql::*;
 use super::*;
-use crate::domain::{
-    rfc3339, Callback, ChunkTiming, DeliveryAttempt, Input, JobLinks, Problem, Progress, RequestEcho, Timing,
-    SEGMENT_LEN,
-};
+use crate::domain::{ChunkTiming, DeliveryAttempt, Input, Problem, Progress, SEGMENT_LEN};
 use crate::exec::le_bytes;
 
 /// The PostgreSQL-backed store. Cheap to clone.
@@ -47,7 +44,166 @@ impl PgStore {
     }
 }
 
-sql_reads!(PgStore, Postgres);
+/// The reads, on the shared pool.
+impl PgStore {
+    pub async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.readers).await?;
+        Ok(())
+    }
+
+    pub async fn job(&self, id: Uuid) -> StoreResult<Option<JobDocument>> {
+        let row = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"))
+            .bind(id.to_string())
+            .fetch_optional(&self.readers)
+            .await?;
+        match row {
+            Some(row) => Ok(Some(self.document(&row).await?)),
+            None => Ok(None),
+        }
+    }
+
+    pub async fn status_and_count(&self, id: Uuid) -> StoreResult<Option<(JobStatus, u64)>> {
+        let row = sqlx::query(q::STATUS_AND_COUNT).bind(id.to_string()).fetch_optional(&self.readers).await?;
+        row.map(|r| Ok((parse_status(r.get("status"))?, r.get::<i64, _>("count") as u64))).transpose()
+    }
+
+    pub async fn list_jobs(&self, query: &ListQuery) -> StoreResult<Vec<JobDocument>> {
+        let mut sql = QueryBuilder::<Postgres>::new(format!("SELECT {JOB_COLUMNS} FROM jobs WHERE 1 = 1"));
+        if let Some(status) = query.status {
+            sql.push(" AND status = ").push_bind(status.as_str());
+        }
+        if let Some(before) = query.before {
+            sql.push(" AND id < ").push_bind(before.to_string());
+        }
+        for (key, value) in &query.metadata {
+            sql.push(" AND id IN (SELECT job_id FROM job_metadata WHERE key = ")
+                .push_bind(key.clone())
+                .push(" AND value = ")
+                .push_bind(value.clone())
+                .push(")");
+        }
+        sql.push(" ORDER BY id DESC LIMIT ").push_bind(query.limit as i64);
+        let rows = sql.build().fetch_all(&self.readers).await?;
+        let mut jobs = Vec::with_capacity(rows.len());
+        for row in &rows {
+            jobs.push(self.document(row).await?);
+        }
+        Ok(jobs)
+    }
+
+    async fn document(&self, r: &PgRow) -> StoreResult<JobDocument> {
+        let row = JobRow {
+            id: r.get("id"),
+            status: r.get("status"),
+            created_at: r.get("created_at"),
+            started_at: r.get("started_at"),
+            finished_at: r.get("finished_at"),
+            request: r.get("request"),
+            attempts: r.get("attempts"),
+            attempt_errors: r.get("attempt_errors"),
+            chunks_total: r.get("chunks_total"),
+            chunks_done: r.get("chunks_done"),
+            numbers_done: r.get("numbers_done"),
+            timing: r.get("timing"),
+            error: r.get("error"),
+            version: r.get("version"),
+            callback_url: r.get("callback_url"),
+        };
+        let (mut doc, needs) = row.into_document()?;
+        if let (true, Some(timing)) = (needs.chunk_timings, doc.timing.as_mut()) {
+            timing.chunks = self.chunk_timings(doc.id).await?;
+        }
+        if let Some(url) = needs.callback {
+            let webhook = sqlx::query_as(q::WEBHOOK_STATE).bind(doc.id.to_string()).fetch_optional(&self.readers);
+            doc.callback = Some(callback(url, webhook.await?)?);
+        }
+        Ok(doc)
+    }
+
+    /// The chunk timings of a job that ended before the document kept them.
+    async fn chunk_timings(&self, id: Uuid) -> StoreResult<Vec<ChunkTiming>> {
+        let rows = sqlx::query(q::DONE_CHUNKS).bind(id.to_string()).fetch_all(&self.readers).await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let times = ["start_ms", "duration_ms", "spawn_ms", "compute_ms", "store_ms"].map(|c| r.get(c));
+                done_chunk(
+                    r.get("idx"),
+                    r.get("pos"),
+                    r.get("len"),
+                    r.get("worker"),
+                    r.get("node"),
+                    times,
+                    r.get("runs"),
+                )
+                .timing
+            })
+            .collect())
+    }
+
+    pub async fn queued_count(&self) -> StoreResult<u64> {
+        let n: i64 = sqlx::query_scalar(q::QUEUED_COUNT).fetch_one(&self.readers).await?;
+        Ok(n as u64)
+    }
+
+    /// Which of `ids` are no longer running.
+    async fn not_running(&self, ids: &[Uuid]) -> StoreResult<Vec<Uuid>> {
+        let ids: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+        let gone: Vec<String> = sqlx::query_scalar("SELECT id FROM jobs WHERE status <> 'running' AND id = ANY($1)")
+            .bind(ids)
+            .fetch_all(&self.readers)
+            .await?;
+        gone.iter().map(|s| parse_uuid(s)).collect()
+    }
+
+    pub async fn input_segment(&self, id: Uuid, pos: u64) -> StoreResult<Vec<i64>> {
+        let data: Vec<u8> = sqlx::query_scalar(q::INPUT_SEGMENT)
+            .bind(id.to_string())
+            .bind(pos as i64)
+            .fetch_optional(&self.readers)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt(format!("job {id} has no input segment at {pos}")))?;
+        Ok(crate::exec::from_le_bytes(&data).collect())
+    }
+
+    pub async fn result_segments(
+        &self,
+        id: Uuid,
+        from: u64,
+        to: u64,
+        max_rows: u32,
+        max_numbers: u64,
+    ) -> StoreResult<Vec<Segment>> {
+        let to = to.min(from.saturating_add(max_numbers));
+        let rows = sqlx::query(q::RESULT_SEGMENTS)
+            .bind(id.to_string())
+            .bind(from as i64)
+            .bind(to as i64)
+            .bind(max_rows as i64)
+            .fetch_all(&self.readers)
+            .await?;
+        rows.into_iter().map(|r| segment(r.get("pos"), r.get("len"), r.get("data"))).collect()
+    }
+
+    pub async fn comparison(&self, id: Uuid) -> StoreResult<Option<StoredComparison>> {
+        let row = sqlx::query(q::COMPARISON).bind(id.to_string()).fetch_optional(&self.readers).await?;
+        Ok(row.map(|r| StoredComparison {
+            id,
+            created_at: r.get("created_at"),
+            request: r.get("request"),
+            cells: r.get("cells"),
+        }))
+    }
+
+    pub async fn job_summaries(&self, ids: &[Uuid]) -> StoreResult<Vec<JobSummary>> {
+        let ids: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+        let rows = sqlx::query("SELECT id, status, timing FROM jobs WHERE id = ANY($1)")
+            .bind(ids)
+            .fetch_all(&self.readers)
+            .await?;
+        rows.iter().map(|r| job_summary(r.get("id"), r.get("status"), r.get("timing"))).collect()
+    }
+}
 
 /// The writes, in sqlx transactions; rows are locked job row first, then its
 /// chunks (in id order when several jobs), as every writer here does.

@@ -1,13 +1,16 @@
 //! The SQL both backends share, written once with `$N` placeholders: the
-//! statements ([`q`]) and the logic around them, and the reads, instantiated
-//! per backend by [`sql_reads!`] on sqlx (concrete types keep sqlx's type
-//! checks simple, one text keeps the backends from drifting). The writes run
-//! on sqlx transactions for PostgreSQL and on the writer thread for SQLite.
+//! statements ([`q`]) and the logic around them, with the rows they read
+//! (one text keeps the backends from drifting). PostgreSQL runs them on sqlx;
+//! SQLite on rusqlite, writes on its writer thread and reads on its reader
+//! threads.
 
 use uuid::Uuid;
 
-use super::{StoreError, StoreResult};
-use crate::domain::{ChunkTiming, JobStatus, Strategy, Transport};
+use super::{JobSummary, Segment, StoreError, StoreResult};
+use crate::domain::{
+    rfc3339, Callback, ChunkTiming, JobDocument, JobLinks, JobStatus, Problem, Progress, RequestEcho, Strategy, Timing,
+    Transport,
+};
 
 /// Totals kept in `jobs.timing` once a job has ended.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -34,6 +37,100 @@ pub(super) struct DoneChunk {
 /// Columns the job document is built from.
 pub(super) const JOB_COLUMNS: &str = "id, status, created_at, started_at, finished_at, request, attempts, \
      attempt_errors, chunks_total, chunks_done, numbers_done, timing, error, version, callback_url";
+
+/// A `jobs` row's [`JOB_COLUMNS`], as either driver reads them.
+pub(super) struct JobRow {
+    pub id: String,
+    pub status: String,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub request: String,
+    pub attempts: i64,
+    pub attempt_errors: String,
+    pub chunks_total: i64,
+    pub chunks_done: i64,
+    pub numbers_done: i64,
+    pub timing: Option<String>,
+    pub error: Option<String>,
+    pub version: i64,
+    pub callback_url: Option<String>,
+}
+
+/// What a job document still needs after its row: read by the caller, one
+/// query each, then filled in ([`JobRow::into_document`]).
+pub(super) struct DocumentNeeds {
+    /// The chunk timings from the chunks table (a job that ended before
+    /// `jobs.timing` kept them): `timing.chunks` is empty until filled.
+    pub chunk_timings: bool,
+    /// The webhook's state ([`q::WEBHOOK_STATE`]), for a job with a callback URL.
+    pub callback: Option<String>,
+}
+
+impl JobRow {
+    pub fn into_document(self) -> StoreResult<(JobDocument, DocumentNeeds)> {
+        let id = parse_uuid(&self.id)?;
+        let mut needs = DocumentNeeds { chunk_timings: false, callback: self.callback_url };
+        let timing = match self.timing {
+            None => None,
+            Some(json) => {
+                let t: TimingTotals = parse_json(&json)?;
+                needs.chunk_timings = t.chunks.is_none();
+                Some(Timing {
+                    queue_ms: round_ms(t.queue_ms),
+                    wall_ms: round_ms(t.wall_ms),
+                    spawn_ms: round_ms(t.spawn_ms),
+                    compute_ms: round_ms(t.compute_ms),
+                    store_ms: round_ms(t.store_ms),
+                    chunks: t.chunks.unwrap_or_default(),
+                })
+            }
+        };
+        let doc = JobDocument {
+            id,
+            status: parse_status(&self.status)?,
+            created_at: rfc3339(self.created_at),
+            started_at: self.started_at.map(rfc3339),
+            finished_at: self.finished_at.map(rfc3339),
+            request: parse_json::<RequestEcho>(&self.request)?,
+            attempts: self.attempts as u32,
+            attempt_errors: parse_json(&self.attempt_errors)?,
+            progress: Progress {
+                chunks_done: self.chunks_done as u64,
+                chunks_total: self.chunks_total as u64,
+                numbers_done: self.numbers_done as u64,
+            },
+            timing,
+            error: self.error.map(|e| parse_json::<Problem>(&e)).transpose()?,
+            links: JobLinks::for_job(id),
+            version: self.version as u64,
+            callback: None,
+        };
+        Ok((doc, needs))
+    }
+}
+
+/// A job's callback from its URL and its webhook row (state, history), if any.
+pub(super) fn callback(url: String, webhook: Option<(String, String)>) -> StoreResult<Callback> {
+    Ok(match webhook {
+        None => Callback { url, state: "waiting".into(), attempts: Vec::new() },
+        Some((state, history)) => Callback { url, state, attempts: parse_json(&history)? },
+    })
+}
+
+/// A job's status and its `jobs.timing` (JSON) as a comparison sees them.
+pub(super) fn job_summary(id: &str, status: &str, timing: Option<String>) -> StoreResult<JobSummary> {
+    let wall_ms = timing.map(|t| parse_json::<TimingTotals>(&t)).transpose()?.map(|t| t.wall_ms);
+    Ok(JobSummary { id: parse_uuid(id)?, status: parse_status(status)?, wall_ms })
+}
+
+/// A result segment from its row, checked for its length.
+pub(super) fn segment(pos: i64, len: i64, data: Vec<u8>) -> StoreResult<Segment> {
+    if data.len() as i64 != len * 8 {
+        return Err(StoreError::Corrupt(format!("segment of {len} squares has {} bytes", data.len())));
+    }
+    Ok(Segment { pos: pos as u64, data })
+}
 
 /// Statements both backends run as they are (SQLite runs them with `$N`
 /// turned into `?N`). Where PostgreSQL must lock rows, it appends the lock.
@@ -119,6 +216,14 @@ pub(super) mod q {
     pub const WEBHOOK_RECORD: &str =
         "UPDATE webhooks SET state = $2, attempts = $3, next_at = $4, history = $5 WHERE job_id = $1";
     pub const BUMP_VERSION: &str = "UPDATE jobs SET version = version + 1 WHERE id = $1";
+    pub const WEBHOOK_STATE: &str = "SELECT state, history FROM webhooks WHERE job_id = $1";
+    pub const STATUS_AND_COUNT: &str = "SELECT status, count FROM jobs WHERE id = $1";
+    /// From the segment holding `$2` (the last one starting at or before it)
+    /// to `$3`, at most `$4` rows.
+    pub const RESULT_SEGMENTS: &str = "SELECT pos, len, data FROM results WHERE job_id = $1 \
+         AND pos >= (SELECT COALESCE(MAX(pos), 0) FROM results WHERE job_id = $1 AND pos <= $2) \
+         AND pos < $3 ORDER BY pos LIMIT $4";
+    pub const COMPARISON: &str = "SELECT created_at, request, cells FROM comparisons WHERE id = $1";
 }
 
 /// Jobs that can take a chunk now: below their cores, and not waiting behind
@@ -356,244 +461,6 @@ pub(super) fn parse_json<T: serde::de::DeserializeOwned>(s: &str) -> StoreResult
 pub(super) fn round_ms(ms: f64) -> f64 {
     (ms * 1000.0).round() / 1000.0
 }
-
-/// Implements the shared store methods for `$store`, whose fields are
-/// `writer` and `readers` pools of database `$db`.
-macro_rules! sql_reads {
-    ($store:ident, $db:ty) => {
-        impl $store {
-            pub async fn ping(&self) -> StoreResult<()> {
-                sqlx::query("SELECT 1").execute(&self.readers).await?;
-                Ok(())
-            }
-
-            pub async fn job(&self, id: Uuid) -> StoreResult<Option<JobDocument>> {
-                let row = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"))
-                    .bind(id.to_string())
-                    .fetch_optional(&self.readers)
-                    .await?;
-                match row {
-                    Some(row) => Ok(Some(self.document(&row).await?)),
-                    None => Ok(None),
-                }
-            }
-
-            pub async fn status_and_count(&self, id: Uuid) -> StoreResult<Option<(JobStatus, u64)>> {
-                let row = sqlx::query("SELECT status, count FROM jobs WHERE id = $1")
-                    .bind(id.to_string())
-                    .fetch_optional(&self.readers)
-                    .await?;
-                row.map(|r| Ok((parse_status(r.get("status"))?, r.get::<i64, _>("count") as u64))).transpose()
-            }
-
-            pub async fn list_jobs(&self, query: &ListQuery) -> StoreResult<Vec<JobDocument>> {
-                let mut sql = QueryBuilder::<$db>::new(format!("SELECT {JOB_COLUMNS} FROM jobs WHERE 1 = 1"));
-                if let Some(status) = query.status {
-                    sql.push(" AND status = ").push_bind(status.as_str());
-                }
-                if let Some(before) = query.before {
-                    sql.push(" AND id < ").push_bind(before.to_string());
-                }
-                for (key, value) in &query.metadata {
-                    sql.push(" AND id IN (SELECT job_id FROM job_metadata WHERE key = ")
-                        .push_bind(key.clone())
-                        .push(" AND value = ")
-                        .push_bind(value.clone())
-                        .push(")");
-                }
-                sql.push(" ORDER BY id DESC LIMIT ").push_bind(query.limit as i64);
-                let rows = sql.build().fetch_all(&self.readers).await?;
-                let mut jobs = Vec::with_capacity(rows.len());
-                for row in &rows {
-                    jobs.push(self.document(row).await?);
-                }
-                Ok(jobs)
-            }
-
-            async fn document(&self, row: &<$db as sqlx::Database>::Row) -> StoreResult<JobDocument> {
-                let id = parse_uuid(row.get("id"))?;
-                let status = parse_status(row.get("status"))?;
-                let request: RequestEcho = parse_json(row.get("request"))?;
-                let timing: Option<String> = row.get("timing");
-                let timing = match timing {
-                    None => None,
-                    Some(json) => {
-                        let t: TimingTotals = parse_json(&json)?;
-                        Some(Timing {
-                            queue_ms: round_ms(t.queue_ms),
-                            wall_ms: round_ms(t.wall_ms),
-                            spawn_ms: round_ms(t.spawn_ms),
-                            compute_ms: round_ms(t.compute_ms),
-                            store_ms: round_ms(t.store_ms),
-                            chunks: match t.chunks {
-                                Some(chunks) => chunks,
-                                None => self.chunk_timings(id).await?,
-                            },
-                        })
-                    }
-                };
-                let callback_url: Option<String> = row.get("callback_url");
-                let callback = match callback_url {
-                    None => None,
-                    Some(url) => Some(self.callback(id, url).await?),
-                };
-                let error: Option<String> = row.get("error");
-                let started_at: Option<i64> = row.get("started_at");
-                let finished_at: Option<i64> = row.get("finished_at");
-                Ok(JobDocument {
-                    id,
-                    status,
-                    created_at: rfc3339(row.get("created_at")),
-                    started_at: started_at.map(rfc3339),
-                    finished_at: finished_at.map(rfc3339),
-                    request,
-                    attempts: row.get::<i64, _>("attempts") as u32,
-                    attempt_errors: parse_json(row.get("attempt_errors"))?,
-                    progress: Progress {
-                        chunks_done: row.get::<i64, _>("chunks_done") as u64,
-                        chunks_total: row.get::<i64, _>("chunks_total") as u64,
-                        numbers_done: row.get::<i64, _>("numbers_done") as u64,
-                    },
-                    timing,
-                    error: error.map(|e| parse_json::<Problem>(&e)).transpose()?,
-                    links: JobLinks::for_job(id),
-                    version: row.get::<i64, _>("version") as u64,
-                    callback,
-                })
-            }
-
-            async fn callback(&self, id: Uuid, url: String) -> StoreResult<Callback> {
-                let row = sqlx::query("SELECT state, history FROM webhooks WHERE job_id = $1")
-                    .bind(id.to_string())
-                    .fetch_optional(&self.readers)
-                    .await?;
-                Ok(match row {
-                    None => Callback { url, state: "waiting".into(), attempts: Vec::new() },
-                    Some(row) => Callback { url, state: row.get("state"), attempts: parse_json(row.get("history"))? },
-                })
-            }
-
-            /// The chunk timings of a job that ended before the document kept them.
-            async fn chunk_timings(&self, id: Uuid) -> StoreResult<Vec<ChunkTiming>> {
-                let rows = sqlx::query(q::DONE_CHUNKS).bind(id.to_string()).fetch_all(&self.readers).await?;
-                Ok(rows
-                    .iter()
-                    .map(|r| {
-                        let times = ["start_ms", "duration_ms", "spawn_ms", "compute_ms", "store_ms"].map(|c| r.get(c));
-                        done_chunk(
-                            r.get("idx"),
-                            r.get("pos"),
-                            r.get("len"),
-                            r.get("worker"),
-                            r.get("node"),
-                            times,
-                            r.get("runs"),
-                        )
-                        .timing
-                    })
-                    .collect())
-            }
-
-            pub async fn queued_count(&self) -> StoreResult<u64> {
-                let n: i64 = sqlx::query_scalar(q::QUEUED_COUNT).fetch_one(&self.readers).await?;
-                Ok(n as u64)
-            }
-
-            /// Which of `ids` are no longer running.
-            async fn not_running(&self, ids: &[Uuid]) -> StoreResult<Vec<Uuid>> {
-                let mut sql = QueryBuilder::<$db>::new("SELECT id FROM jobs WHERE status <> 'running' AND id IN (");
-                let mut list = sql.separated(", ");
-                for id in ids {
-                    list.push_bind(id.to_string());
-                }
-                sql.push(")");
-                let gone: Vec<String> = sql.build_query_scalar().fetch_all(&self.readers).await?;
-                gone.iter().map(|s| parse_uuid(s)).collect()
-            }
-
-            pub async fn input_segment(&self, id: Uuid, pos: u64) -> StoreResult<Vec<i64>> {
-                let data: Vec<u8> = sqlx::query_scalar(q::INPUT_SEGMENT)
-                    .bind(id.to_string())
-                    .bind(pos as i64)
-                    .fetch_optional(&self.readers)
-                    .await?
-                    .ok_or_else(|| StoreError::Corrupt(format!("job {id} has no input segment at {pos}")))?;
-                Ok(crate::exec::from_le_bytes(&data).collect())
-            }
-
-            pub async fn result_segments(
-                &self,
-                id: Uuid,
-                from: u64,
-                to: u64,
-                max_rows: u32,
-                max_numbers: u64,
-            ) -> StoreResult<Vec<Segment>> {
-                let to = to.min(from.saturating_add(max_numbers));
-                // Start at the segment holding `from`: the last one starting at or before it.
-                let rows = sqlx::query(
-                    "SELECT pos, len, data FROM results WHERE job_id = $1 \
-                     AND pos >= (SELECT COALESCE(MAX(pos), 0) FROM results WHERE job_id = $1 AND pos <= $2) \
-                     AND pos < $3 ORDER BY pos LIMIT $4",
-                )
-                .bind(id.to_string())
-                .bind(from as i64)
-                .bind(to as i64)
-                .bind(max_rows as i64)
-                .fetch_all(&self.readers)
-                .await?;
-                rows.into_iter()
-                    .map(|r| {
-                        let data: Vec<u8> = r.get("data");
-                        let len: i64 = r.get("len");
-                        if data.len() as i64 != len * 8 {
-                            return Err(StoreError::Corrupt(format!(
-                                "segment of {len} squares has {} bytes",
-                                data.len()
-                            )));
-                        }
-                        Ok(Segment { pos: r.get::<i64, _>("pos") as u64, data })
-                    })
-                    .collect()
-            }
-
-            pub async fn comparison(&self, id: Uuid) -> StoreResult<Option<StoredComparison>> {
-                let row = sqlx::query("SELECT created_at, request, cells FROM comparisons WHERE id = $1")
-                    .bind(id.to_string())
-                    .fetch_optional(&self.readers)
-                    .await?;
-                Ok(row.map(|r| StoredComparison {
-                    id,
-                    created_at: r.get("created_at"),
-                    request: r.get("request"),
-                    cells: r.get("cells"),
-                }))
-            }
-
-            pub async fn job_summaries(&self, ids: &[Uuid]) -> StoreResult<Vec<JobSummary>> {
-                if ids.is_empty() {
-                    return Ok(Vec::new());
-                }
-                let mut sql = QueryBuilder::<$db>::new("SELECT id, status, timing FROM jobs WHERE id IN (");
-                let mut list = sql.separated(", ");
-                for id in ids {
-                    list.push_bind(id.to_string());
-                }
-                sql.push(")");
-                let rows = sql.build().fetch_all(&self.readers).await?;
-                rows.iter()
-                    .map(|r| {
-                        let timing: Option<String> = r.get("timing");
-                        let wall_ms = timing.map(|t| parse_json::<TimingTotals>(&t)).transpose()?.map(|t| t.wall_ms);
-                        Ok(JobSummary { id: parse_uuid(r.get("id"))?, status: parse_status(r.get("status"))?, wall_ms })
-                    })
-                    .collect()
-            }
-        }
-    };
-}
-
-pub(super) use sql_reads;
 
 /// Which running chunks to release.
 #[derive(Clone, Copy)]

@@ -1,28 +1,29 @@
 //! The SQLite backend: one file in WAL mode. Writes go to one writer thread
 //! that commits them in batches ([`sqlite_writer`](super::sqlite_writer));
-//! reads go to a pool of read-only connections that never wait for it.
+//! reads go to reader threads with read-only connections that never wait for
+//! it ([`sqlite_readers`](super::sqlite_readers)). sqlx only applies the
+//! migrations.
 
 use std::str::FromStr;
 use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{ConnectOptions, Connection as _, QueryBuilder, Row, Sqlite, SqlitePool};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+use sqlx::{ConnectOptions, Connection as _};
 use uuid::Uuid;
 
 use super::sql::*;
+use super::sqlite_readers::Readers;
 use super::sqlite_writer::{stmt, Writer};
 use super::*;
-use crate::domain::{
-    now_micros, rfc3339, Callback, ChunkTiming, Input, JobLinks, Problem, Progress, RequestEcho, Timing, SEGMENT_LEN,
-};
+use crate::domain::{now_micros, Input, Problem, Progress, SEGMENT_LEN};
 use crate::exec::le_bytes;
 
 /// The SQLite-backed store. Cheap to clone.
 #[derive(Clone)]
 pub struct SqliteStore {
     writer: Writer,
-    readers: SqlitePool,
+    readers: Readers,
 }
 
 impl SqliteStore {
@@ -37,19 +38,206 @@ impl SqliteStore {
         let mut migrator = options.connect().await?;
         sqlx::migrate!("migrations/sqlite").run(&mut migrator).await?;
         migrator.close().await?;
-        let writer = Writer::start(options.get_filename())?;
-        let readers = SqlitePoolOptions::new()
-            .max_connections(readers.max(1))
-            // Connections are local and checked by use: no ping before each acquire.
-            .test_before_acquire(false)
-            .acquire_timeout(Duration::from_secs(30))
-            .connect_with(options.read_only(true))
-            .await?;
-        Ok(SqliteStore { writer, readers })
+        let path = options.get_filename();
+        Ok(SqliteStore { writer: Writer::start(path)?, readers: Readers::start(path, readers)? })
     }
 }
 
-sql_reads!(SqliteStore, Sqlite);
+/// The reads, each one closure on a reader thread (see `sqlite_readers`).
+impl SqliteStore {
+    pub async fn ping(&self) -> StoreResult<()> {
+        self.readers.read(|c| Ok(c.query_row("SELECT 1", [], |_| Ok(()))?)).await
+    }
+
+    pub async fn job(&self, id: Uuid) -> StoreResult<Option<JobDocument>> {
+        let id = id.to_string();
+        self.readers
+            .read(move |c| {
+                let row = stmt(c, &JOB_BY_ID)?.query_row(params![id], job_row).optional()?;
+                row.map(|row| document(c, row)).transpose()
+            })
+            .await
+    }
+
+    pub async fn status_and_count(&self, id: Uuid) -> StoreResult<Option<(JobStatus, u64)>> {
+        let id = id.to_string();
+        self.readers
+            .read(move |c| {
+                let row = stmt(c, q::STATUS_AND_COUNT)?
+                    .query_row(params![id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+                    .optional()?;
+                row.map(|(status, count)| Ok((parse_status(&status)?, count as u64))).transpose()
+            })
+            .await
+    }
+
+    pub async fn list_jobs(&self, query: &ListQuery) -> StoreResult<Vec<JobDocument>> {
+        let mut sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE 1 = 1");
+        let mut args: Vec<rusqlite::types::Value> = Vec::new();
+        let mut arg = |sql: &mut String, value: rusqlite::types::Value| {
+            args.push(value);
+            sql.push_str(&format!("${}", args.len()));
+        };
+        if let Some(status) = query.status {
+            sql.push_str(" AND status = ");
+            arg(&mut sql, status.as_str().to_string().into());
+        }
+        if let Some(before) = query.before {
+            sql.push_str(" AND id < ");
+            arg(&mut sql, before.to_string().into());
+        }
+        for (key, value) in &query.metadata {
+            sql.push_str(" AND id IN (SELECT job_id FROM job_metadata WHERE key = ");
+            arg(&mut sql, key.clone().into());
+            sql.push_str(" AND value = ");
+            arg(&mut sql, value.clone().into());
+            sql.push(')');
+        }
+        sql.push_str(" ORDER BY id DESC LIMIT ");
+        arg(&mut sql, i64::from(query.limit).into());
+        self.readers
+            .read(move |c| {
+                let rows = stmt(c, &sql)?
+                    .query_map(rusqlite::params_from_iter(args), job_row)?
+                    .collect::<Result<Vec<_>, _>>()?;
+                rows.into_iter().map(|row| document(c, row)).collect()
+            })
+            .await
+    }
+
+    pub async fn queued_count(&self) -> StoreResult<u64> {
+        self.readers.read(|c| Ok(stmt(c, q::QUEUED_COUNT)?.query_row([], |r| r.get::<_, i64>(0))? as u64)).await
+    }
+
+    /// Which of `ids` are no longer running.
+    async fn not_running(&self, ids: &[Uuid]) -> StoreResult<Vec<Uuid>> {
+        let ids: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+        self.readers
+            .read(move |c| {
+                let mut status = stmt(c, q::JOB_STATUS)?;
+                let mut gone = Vec::new();
+                for id in ids {
+                    let s: Option<String> = status.query_row(params![id], |r| r.get(0)).optional()?;
+                    if s.as_deref().is_some_and(|s| s != "running") {
+                        gone.push(parse_uuid(&id)?);
+                    }
+                }
+                Ok(gone)
+            })
+            .await
+    }
+
+    pub async fn input_segment(&self, id: Uuid, pos: u64) -> StoreResult<Vec<i64>> {
+        self.readers
+            .read(move |c| {
+                let data: Vec<u8> = stmt(c, q::INPUT_SEGMENT)?
+                    .query_row(params![id.to_string(), pos as i64], |r| r.get(0))
+                    .optional()?
+                    .ok_or_else(|| StoreError::Corrupt(format!("job {id} has no input segment at {pos}")))?;
+                Ok(crate::exec::from_le_bytes(&data).collect())
+            })
+            .await
+    }
+
+    pub async fn result_segments(
+        &self,
+        id: Uuid,
+        from: u64,
+        to: u64,
+        max_rows: u32,
+        max_numbers: u64,
+    ) -> StoreResult<Vec<Segment>> {
+        let to = to.min(from.saturating_add(max_numbers));
+        self.readers
+            .read(move |c| {
+                let args = params![id.to_string(), from as i64, to as i64, i64::from(max_rows)];
+                let rows = stmt(c, q::RESULT_SEGMENTS)?
+                    .query_map(args, |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                    .collect::<Result<Vec<_>, _>>()?;
+                rows.into_iter().map(|(pos, len, data)| segment(pos, len, data)).collect()
+            })
+            .await
+    }
+
+    pub async fn comparison(&self, id: Uuid) -> StoreResult<Option<StoredComparison>> {
+        self.readers
+            .read(move |c| {
+                let row = stmt(c, q::COMPARISON)?.query_row(params![id.to_string()], |r| {
+                    Ok(StoredComparison { id, created_at: r.get(0)?, request: r.get(1)?, cells: r.get(2)? })
+                });
+                Ok(row.optional()?)
+            })
+            .await
+    }
+
+    pub async fn job_summaries(&self, ids: &[Uuid]) -> StoreResult<Vec<JobSummary>> {
+        let ids: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+        self.readers
+            .read(move |c| {
+                let mut read = stmt(c, "SELECT id, status, timing FROM jobs WHERE id = $1")?;
+                let mut summaries = Vec::with_capacity(ids.len());
+                for id in ids {
+                    let row = read
+                        .query_row(params![id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get(2)?)))
+                        .optional()?;
+                    if let Some((id, status, timing)) = row {
+                        summaries.push(job_summary(&id, &status, timing)?);
+                    }
+                }
+                Ok(summaries)
+            })
+            .await
+    }
+}
+
+static JOB_BY_ID: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"));
+
+/// A [`JOB_COLUMNS`] row.
+fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
+    Ok(JobRow {
+        id: r.get("id")?,
+        status: r.get("status")?,
+        created_at: r.get("created_at")?,
+        started_at: r.get("started_at")?,
+        finished_at: r.get("finished_at")?,
+        request: r.get("request")?,
+        attempts: r.get("attempts")?,
+        attempt_errors: r.get("attempt_errors")?,
+        chunks_total: r.get("chunks_total")?,
+        chunks_done: r.get("chunks_done")?,
+        numbers_done: r.get("numbers_done")?,
+        timing: r.get("timing")?,
+        error: r.get("error")?,
+        version: r.get("version")?,
+        callback_url: r.get("callback_url")?,
+    })
+}
+
+/// The document of a job row, with the rows it refers to.
+fn document(c: &Connection, row: JobRow) -> StoreResult<JobDocument> {
+    let (mut doc, needs) = row.into_document()?;
+    let id = doc.id.to_string();
+    if let (true, Some(timing)) = (needs.chunk_timings, doc.timing.as_mut()) {
+        timing.chunks = done_chunks(c, &id)?.into_iter().map(|c| c.timing).collect();
+    }
+    if let Some(url) = needs.callback {
+        let webhook = stmt(c, q::WEBHOOK_STATE)?.query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+        doc.callback = Some(callback(url, webhook)?);
+    }
+    Ok(doc)
+}
+
+/// A job's done chunks ([`q::DONE_CHUNKS`]), in order.
+fn done_chunks(c: &Connection, id: &str) -> StoreResult<Vec<DoneChunk>> {
+    let chunks = stmt(c, q::DONE_CHUNKS)?
+        .query_map(params![id], |r| {
+            let times = [r.get(5)?, r.get(6)?, r.get(8)?, r.get(9)?, r.get(10)?];
+            Ok(done_chunk(r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, times, r.get(7)?))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(chunks)
+}
 
 /// The writes, each one closure on the writer thread (see `sqlite_writer`):
 /// arguments are copied in, and nothing else runs between its statements.
@@ -485,13 +673,7 @@ fn claim_job(c: &Connection, id: Uuid, node: &str, max: u32, lease_until: i64) -
 fn finish(c: &Connection, id: &str, status: JobStatus, error: Option<&Problem>, now: i64) -> StoreResult<Option<f64>> {
     let (created_at, started_at, has_callback) =
         stmt(c, q::JOB_TIMES)?.query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, bool>(2)?)))?;
-    let chunks = stmt(c, q::DONE_CHUNKS)?
-        .query_map(params![id], |r| {
-            let times = [r.get(5)?, r.get(6)?, r.get(8)?, r.get(9)?, r.get(10)?];
-            Ok(done_chunk(r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, times, r.get(7)?))
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    let (timing, wall_ms) = timing_totals(created_at, started_at, chunks, now);
+    let (timing, wall_ms) = timing_totals(created_at, started_at, done_chunks(c, id)?, now);
     let error = error.map(|e| serde_json::to_string(e).expect("problem serialises"));
     if stmt(c, q::FINISH_JOB)?.execute(params![id, status.as_str(), now, timing, error])? == 0 {
         return Ok(None);

@@ -35,7 +35,7 @@ const WAL_LIMIT_PAGES: u32 = 16_384;
 /// The size the WAL file is cut back to once it starts over.
 const WAL_KEEP_BYTES: i64 = 64 << 20;
 /// How often the checkpoint thread looks at the WAL while it has work, and at most when idle.
-const CHECKPOINT_BUSY: Duration = Duration::from_millis(2);
+const CHECKPOINT_BUSY: Duration = Duration::from_millis(20);
 const CHECKPOINT_IDLE: Duration = Duration::from_millis(250);
 
 /// Answers a caller once the batch's commit succeeded or failed.
@@ -98,8 +98,8 @@ impl Writer {
                 });
             })
         });
-        self.ops.send(op).map_err(|_| StoreError::Writer("the writer thread has stopped".into()))?;
-        answered.await.map_err(|_| StoreError::Writer("the writer thread dropped a write".into()))?
+        self.ops.send(op).map_err(|_| StoreError::Thread("the writer thread has stopped".into()))?;
+        answered.await.map_err(|_| StoreError::Thread("the writer thread dropped a write".into()))?
     }
 }
 
@@ -161,14 +161,14 @@ fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> StoreResult<()> {
         .name(name.into())
         .spawn(body)
         .map(|_| ())
-        .map_err(|e| StoreError::Writer(format!("cannot start the {name} thread: {e}")))
+        .map_err(|e| StoreError::Thread(format!("cannot start the {name} thread: {e}")))
 }
 
 /// Runs one write in a savepoint: kept on success, undone on error or panic.
 fn in_savepoint<T>(conn: &Connection, write: impl FnOnce(&Connection) -> StoreResult<T>) -> StoreResult<T> {
     conn.prepare_cached("SAVEPOINT write")?.execute([])?;
     let result = catch_unwind(AssertUnwindSafe(|| write(conn)))
-        .unwrap_or_else(|_| Err(StoreError::Writer("a write panicked; it was rolled back".into())));
+        .unwrap_or_else(|_| Err(StoreError::Thread("a write panicked; it was rolled back".into())));
     if result.is_err() {
         conn.prepare_cached("ROLLBACK TO write")?.execute([])?;
     }
