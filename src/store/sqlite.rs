@@ -45,8 +45,10 @@ impl SqliteStore {
 
 /// The reads, each one closure on a reader thread (see `sqlite_readers`).
 impl SqliteStore {
+    /// A reader answers, and the writer thread commits (an empty write).
     pub async fn ping(&self) -> StoreResult<()> {
-        self.readers.read(|c| Ok(c.query_row("SELECT 1", [], |_| Ok(()))?)).await
+        self.readers.read(|c| Ok(c.query_row("SELECT 1", [], |_| Ok(()))?)).await?;
+        self.writer.write(|_| Ok(())).await
     }
 
     pub async fn job(&self, id: Uuid) -> StoreResult<Option<JobDocument>> {
