@@ -44,6 +44,8 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("SQLite thread: {0}")]
     Thread(String),
+    #[error("overloaded: {0}")]
+    Overloaded(String),
     #[error("migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored data is corrupt: {0}")]
@@ -60,6 +62,9 @@ impl StoreError {
     pub fn is_transient(&self) -> bool {
         if let StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) = self {
             return matches!(e.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked);
+        }
+        if let StoreError::Overloaded(_) = self {
+            return true;
         }
         let StoreError::Database(e) = self else { return false };
         match e {

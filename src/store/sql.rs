@@ -477,3 +477,67 @@ pub(super) enum Release<'a> {
 pub const WORK_CHANNEL: &str = "squared_work";
 /// Channel that tells every node a job ended (payload: "ID STATUS").
 pub const JOBS_CHANNEL: &str = "squared_jobs";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{JobSpec, Limits};
+
+    fn row(timing: Option<&str>, callback_url: Option<&str>) -> JobRow {
+        let limits = Limits {
+            default_cores: 2,
+            max_cores_per_job: 16,
+            max_numbers: 100,
+            max_chunks: 10,
+            max_sleep_ms: 0,
+            max_spin: 0,
+        };
+        let spec = JobSpec::parse(br#"{"numbers": [1, 2, 3]}"#, &limits).unwrap();
+        JobRow {
+            id: "0192f0c4-0000-7000-8000-000000000001".into(),
+            status: "succeeded".into(),
+            created_at: 1_000_000,
+            started_at: Some(1_001_000),
+            finished_at: Some(1_003_000),
+            request: serde_json::to_string(&spec.echo()).unwrap(),
+            attempts: 1,
+            attempt_errors: "[]".into(),
+            chunks_total: 1,
+            chunks_done: 1,
+            numbers_done: 3,
+            timing: timing.map(str::to_string),
+            error: None,
+            version: 4,
+            callback_url: callback_url.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn a_row_whose_timing_keeps_its_chunks_needs_nothing_more() {
+        let chunk = r#"{"index":0,"offset":0,"len":3,"worker":"thread 0","node":"n","start_ms":0.1,"duration_ms":0.2,"runs":1}"#;
+        let timing = format!(
+            r#"{{"queue_ms":1.0,"wall_ms":2.0,"spawn_ms":0.0,"compute_ms":0.1,"store_ms":0.3,"chunks":[{chunk}]}}"#
+        );
+        let (doc, needs) = row(Some(&timing), None).into_document().unwrap();
+        assert!(!needs.chunk_timings);
+        assert_eq!(needs.callback, None);
+        let timing = doc.timing.unwrap();
+        assert_eq!((timing.wall_ms, timing.chunks.len(), timing.chunks[0].worker.as_str()), (2.0, 1, "thread 0"));
+        assert_eq!((doc.status, doc.version, doc.progress.numbers_done), (JobStatus::Succeeded, 4, 3));
+    }
+
+    /// Rows written before `jobs.timing` kept the chunks: the caller reads
+    /// them from the chunks table; a callback URL asks for the webhook row.
+    #[test]
+    fn an_older_row_asks_for_its_chunk_timings_and_a_callback_for_its_webhook() {
+        let timing = r#"{"queue_ms":1.0,"wall_ms":2.0,"spawn_ms":0.0,"compute_ms":0.1,"store_ms":0.3}"#;
+        let (doc, needs) = row(Some(timing), Some("https://example.com/hook")).into_document().unwrap();
+        assert!(needs.chunk_timings);
+        assert_eq!(needs.callback.as_deref(), Some("https://example.com/hook"));
+        assert!(doc.timing.unwrap().chunks.is_empty());
+        let waiting = callback("https://example.com/hook".into(), None).unwrap();
+        assert_eq!((waiting.state.as_str(), waiting.attempts.len()), ("waiting", 0));
+        let (_, queued) = row(None, None).into_document().unwrap();
+        assert!(!queued.chunk_timings, "a job that has not ended has no timing to complete");
+    }
+}

@@ -45,16 +45,20 @@ impl SqliteStore {
 
 /// The reads, each one closure on a reader thread (see `sqlite_readers`).
 impl SqliteStore {
-    /// A reader answers, and the writer thread commits (an empty write).
+    /// A reader answers, and the writer thread is running.
     pub async fn ping(&self) -> StoreResult<()> {
         self.readers.read(|c| Ok(c.query_row("SELECT 1", [], |_| Ok(()))?)).await?;
-        self.writer.write(|_| Ok(())).await
+        match self.writer.is_running() {
+            true => Ok(()),
+            false => Err(StoreError::Thread("the writer thread has stopped".into())),
+        }
     }
 
     pub async fn job(&self, id: Uuid) -> StoreResult<Option<JobDocument>> {
         let id = id.to_string();
         self.readers
             .read(move |c| {
+                let _snapshot = c.unchecked_transaction()?; // the job's rows as of one commit
                 let row = stmt(c, &JOB_BY_ID)?.query_row(params![id], job_row).optional()?;
                 row.map(|row| document(c, row)).transpose()
             })
@@ -99,6 +103,7 @@ impl SqliteStore {
         arg(&mut sql, i64::from(query.limit).into());
         self.readers
             .read(move |c| {
+                let _snapshot = c.unchecked_transaction()?; // the jobs' rows as of one commit
                 let rows = stmt(c, &sql)?
                     .query_map(rusqlite::params_from_iter(args), job_row)?
                     .collect::<Result<Vec<_>, _>>()?;

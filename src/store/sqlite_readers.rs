@@ -13,6 +13,10 @@ use rusqlite::{Connection, OpenFlags};
 
 use super::{StoreError, StoreResult};
 
+/// How long a read may wait for a reader before its caller gets a 503 (the
+/// node is overloaded); a read whose caller gave up is skipped.
+const READ_WAIT: Duration = Duration::from_secs(30);
+
 /// One read: runs on a reader's connection and answers its caller.
 type Read = Box<dyn FnOnce(&Connection) + Send>;
 
@@ -53,11 +57,17 @@ impl Readers {
     {
         let (answer, answered) = tokio::sync::oneshot::channel();
         let read: Read = Box::new(move |conn| {
+            if answer.is_closed() {
+                return; // the caller gave up waiting
+            }
             let result = catch_unwind(AssertUnwindSafe(|| read(conn)))
                 .unwrap_or_else(|_| Err(StoreError::Thread("a read panicked".into())));
             let _ = answer.send(result);
         });
         self.reads.send(read).map_err(|_| StoreError::Thread("the reader threads have stopped".into()))?;
-        answered.await.map_err(|_| StoreError::Thread("a reader thread dropped a read".into()))?
+        match tokio::time::timeout(READ_WAIT, answered).await {
+            Ok(answer) => answer.map_err(|_| StoreError::Thread("a reader thread dropped a read".into()))?,
+            Err(_) => Err(StoreError::Overloaded(format!("no SQLite reader was free for {READ_WAIT:?}"))),
+        }
     }
 }

@@ -18,7 +18,8 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use rusqlite::{CachedStatement, Connection, OpenFlags};
@@ -49,6 +50,8 @@ type Op = Box<dyn FnOnce(Result<&Connection, &rusqlite::Error>) -> Reply + Send>
 #[derive(Clone)]
 pub(super) struct Writer {
     ops: mpsc::Sender<Op>,
+    /// Cleared when the writer thread ends (only a panic outside a write ends it early).
+    running: Arc<AtomicBool>,
     /// Dropped with the last handle, which stops the checkpoint thread.
     _stop_checkpoints: mpsc::Sender<()>,
 }
@@ -72,9 +75,20 @@ impl Writer {
         checkpointer.busy_timeout(Duration::from_secs(10))?;
         let (ops, queue) = mpsc::channel();
         let (checkpoints, stop) = mpsc::channel();
-        spawn("squared-writer", move || run(conn, queue))?;
+        let running = Arc::new(AtomicBool::new(true));
+        let alive = Running(running.clone());
+        spawn("squared-writer", move || {
+            let _alive = alive;
+            run(conn, queue)
+        })?;
         spawn("squared-checkpt", move || checkpoint(checkpointer, stop))?;
-        Ok(Writer { ops, _stop_checkpoints: checkpoints })
+        Ok(Writer { ops, running, _stop_checkpoints: checkpoints })
+    }
+
+    /// Whether the writer thread still takes writes (for readiness checks:
+    /// asks nothing of the thread, so a long queue of writes cannot fail it).
+    pub fn is_running(&self) -> bool {
+        self.running.load(Ordering::SeqCst)
     }
 
     /// Runs `write` in the next transaction and answers once it committed.
@@ -100,6 +114,15 @@ impl Writer {
         });
         self.ops.send(op).map_err(|_| StoreError::Thread("the writer thread has stopped".into()))?;
         answered.await.map_err(|_| StoreError::Thread("the writer thread dropped a write".into()))?
+    }
+}
+
+/// Clears the flag when the writer thread ends, by return or by panic.
+struct Running(Arc<AtomicBool>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
     }
 }
 

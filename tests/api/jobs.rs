@@ -224,7 +224,35 @@ async fn deleting_removes_an_ended_job_and_refuses_a_running_one(backend: Backen
     assert_eq!(server.wait_end(&busy, 30).await["status"], "succeeded");
 }
 
+/// Jobs that ended before `jobs.timing` kept the chunk timings still show
+/// them: the document falls back to the chunks table.
+async fn an_older_job_row_reads_its_chunk_timings_from_the_chunks_table(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let id = server.submit(&json!({"range": {"start": 0, "end": 3000}, "cores": 3, "strategy": "threads"})).await;
+    let doc = server.wait_end(&id, 30).await;
+    assert_eq!(doc["status"], "succeeded", "{doc}");
+    assert_eq!(doc["timing"]["chunks"].as_array().unwrap().len(), 3, "{doc}");
+    let strip = match backend {
+        Backend::Sqlite => format!("UPDATE jobs SET timing = json_remove(timing, '$.chunks') WHERE id = '{id}'"),
+        Backend::Postgres => format!("UPDATE jobs SET timing = (timing::jsonb - 'chunks')::text WHERE id = '{id}'"),
+    };
+    execute_sql(&server.database_url(), &strip).await;
+    let old = server.job(&id).await;
+    assert_eq!(old["timing"], doc["timing"], "the same timings, read from the chunks table");
+}
+
+/// Runs one statement on the server's database, as an operator would.
+async fn execute_sql(url: &str, sql: &str) {
+    use sqlx::{Connection, Executor};
+    let affected = match url.starts_with("sqlite:") {
+        true => sqlx::SqliteConnection::connect(url).await.unwrap().execute(sql).await.unwrap().rows_affected(),
+        false => sqlx::PgConnection::connect(url).await.unwrap().execute(sql).await.unwrap().rows_affected(),
+    };
+    assert_eq!(affected, 1, "{sql}");
+}
+
 crate::backend_tests!(
+    an_older_job_row_reads_its_chunk_timings_from_the_chunks_table,
     every_strategy_and_transport_squares_random_numbers_exactly,
     the_extremes_square_to_exact_64_bit_values,
     ranges_with_negative_steps_square_like_python,
