@@ -35,8 +35,9 @@ const MAX_BATCH: usize = 256;
 const WAL_LIMIT_PAGES: u32 = 16_384;
 /// The size the WAL file is cut back to once it starts over.
 const WAL_KEEP_BYTES: i64 = 64 << 20;
-/// How often the checkpoint thread looks at the WAL while it has work, and at most when idle.
+/// How often the checkpoint thread looks at the WAL while it grows.
 const CHECKPOINT_BUSY: Duration = Duration::from_millis(20);
+/// The longest it waits between looks while the WAL stays as it was.
 const CHECKPOINT_IDLE: Duration = Duration::from_millis(250);
 
 /// Answers a caller once the batch's commit succeeded or failed.
@@ -243,7 +244,7 @@ mod tests {
         let file_len = || std::fs::metadata(&path).unwrap().len();
         while file_len() < 8 << 20 {
             assert!(std::time::Instant::now() < deadline, "the database file stayed at {} bytes", file_len());
-            std::thread::sleep(Duration::from_millis(10));
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let stored: i64 = setup.query_row("SELECT length(data) FROM blobs", [], |r| r.get(0)).unwrap();
         assert_eq!(stored, 8 << 20);
