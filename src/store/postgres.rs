@@ -122,23 +122,7 @@ impl PgStore {
 
     /// The chunk timings of a job that ended before the document kept them.
     async fn chunk_timings(&self, id: Uuid) -> StoreResult<Vec<ChunkTiming>> {
-        let rows = sqlx::query(q::DONE_CHUNKS).bind(id.to_string()).fetch_all(&self.readers).await?;
-        Ok(rows
-            .iter()
-            .map(|r| {
-                let times = ["start_ms", "duration_ms", "spawn_ms", "compute_ms", "store_ms"].map(|c| r.get(c));
-                done_chunk(
-                    r.get("idx"),
-                    r.get("pos"),
-                    r.get("len"),
-                    r.get("worker"),
-                    r.get("node"),
-                    times,
-                    r.get("runs"),
-                )
-                .timing
-            })
-            .collect())
+        Ok(done_chunks(&self.readers, &id.to_string()).await?.into_iter().map(|c| c.timing).collect())
     }
 
     pub async fn queued_count(&self) -> StoreResult<u64> {
@@ -659,6 +643,18 @@ impl PgStore {
     }
 }
 
+/// A job's done chunks ([`q::DONE_CHUNKS`]), in order, on the pool or in a transaction.
+async fn done_chunks<'e>(db: impl sqlx::PgExecutor<'e>, id: &str) -> StoreResult<Vec<DoneChunk>> {
+    let rows = sqlx::query(q::DONE_CHUNKS).bind(id).fetch_all(db).await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let times = ["start_ms", "duration_ms", "spawn_ms", "compute_ms", "store_ms"].map(|c| r.get(c));
+            done_chunk(r.get("idx"), r.get("pos"), r.get("len"), r.get("worker"), r.get("node"), times, r.get("runs"))
+        })
+        .collect())
+}
+
 /// Ends a job that is queued or running, inside `tx`: stores its status,
 /// error and timing totals, and releases its running chunks. Returns the wall
 /// time, or `None` if the job had already ended.
@@ -670,16 +666,7 @@ async fn finish(
     now: i64,
 ) -> StoreResult<Option<f64>> {
     let row = sqlx::query(q::JOB_TIMES).bind(id).fetch_one(&mut **tx).await?;
-    let chunks = sqlx::query(q::DONE_CHUNKS)
-        .bind(id)
-        .fetch_all(&mut **tx)
-        .await?
-        .iter()
-        .map(|r| {
-            let times = ["start_ms", "duration_ms", "spawn_ms", "compute_ms", "store_ms"].map(|c| r.get(c));
-            done_chunk(r.get("idx"), r.get("pos"), r.get("len"), r.get("worker"), r.get("node"), times, r.get("runs"))
-        })
-        .collect();
+    let chunks = done_chunks(&mut **tx, id).await?;
     let (timing, wall_ms) = timing_totals(row.get("created_at"), row.get("started_at"), chunks, now);
     let ended = sqlx::query(q::FINISH_JOB)
         .bind(id)
