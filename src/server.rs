@@ -36,7 +36,7 @@ fn hostname() -> String {
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let cores =
         args.max_cores.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32)).max(1);
-    let store = Store::open(&args.database, args.db_pool_size)
+    let store = Store::open(&args.database, args.db_pool_size())
         .await
         .with_context(|| format!("opening the database {}", args.database))?;
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
