@@ -396,8 +396,7 @@ impl PgStore {
         // Read the clock only now: the job's insert has committed, so
         // its start is never before its creation.
         let now = crate::domain::now_micros();
-        let row =
-            sqlx::query(q::START_JOB).bind(&id_text).bind(now).bind(chunks.len() as i64).fetch_one(&mut *tx).await?;
+        sqlx::query(q::START_JOB).bind(&id_text).bind(now).bind(chunks.len() as i64).execute(&mut *tx).await?;
         let job = ClaimRow {
             count: row.get("count"),
             cores: row.get("cores"),

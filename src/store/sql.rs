@@ -149,20 +149,28 @@ pub(super) mod q {
     pub const INSERT_INPUT: &str = "INSERT INTO job_inputs (job_id, pos, data) VALUES ($1, $2, $3)";
     pub const INPUT_SEGMENT: &str = "SELECT data FROM job_inputs WHERE job_id = $1 AND pos = $2";
     pub const INSERT_CHUNK: &str = "INSERT INTO chunks (job_id, idx, pos, len) VALUES ($1, $2, $3, $4)";
-    pub const CLAIMABLE_JOB: &str = "SELECT cores, strategy, chunks_ready, chunks_running, series, status \
+    /// A job that can take chunks, with all a node needs to run them: the
+    /// row as it is before [`START_JOB`] (see [`ClaimRow::into_job`]).
+    pub const CLAIMABLE_JOB: &str = "SELECT cores, strategy, chunks_ready, chunks_running, series, status, \
+         count, transport, sleep_ms, spin, range_start, range_end, range_step, created_at, started_at, \
+         attempts, max_attempts, timeout_ms, request_id \
          FROM jobs WHERE id = $1 AND status IN ('queued', 'running') AND chunks_ready > 0";
     pub const SERIES_BUSY: &str = "SELECT COUNT(*) FROM jobs WHERE series = $1 AND status = 'running' AND id <> $2";
     pub const CLAIM_CHUNKS: &str = "UPDATE chunks SET state = 'running', owner = $2, lease_until = $3, \
          runs = runs + 1 WHERE job_id = $1 AND idx IN \
          (SELECT idx FROM chunks WHERE job_id = $1 AND state = 'pending' ORDER BY idx LIMIT $4) \
          RETURNING idx, pos, len";
-    /// Starts the job (once) and moves `$3` chunks from ready to running;
-    /// returns what a node needs to run them.
+    /// SQLite's [`CLAIM_CHUNKS`], in two steps: the first `$2` pending chunks,
+    /// then each claimed by its key (SQLite builds a temporary b-tree for an
+    /// `IN (subquery)` and another for a `RETURNING`).
+    pub const PENDING_CHUNKS: &str =
+        "SELECT idx, pos, len FROM chunks WHERE job_id = $1 AND state = 'pending' ORDER BY idx LIMIT $2";
+    pub const CLAIM_CHUNK: &str = "UPDATE chunks SET state = 'running', owner = $3, lease_until = $4, \
+         runs = runs + 1 WHERE job_id = $1 AND idx = $2 AND state = 'pending'";
+    /// Starts the job (once) and moves `$3` chunks from ready to running.
     pub const START_JOB: &str = "UPDATE jobs SET status = 'running', started_at = COALESCE(started_at, $2), \
          attempts = CASE WHEN attempts = 0 THEN 1 ELSE attempts END, chunks_ready = chunks_ready - $3, \
-         chunks_running = chunks_running + $3, version = version + 1 WHERE id = $1 \
-         RETURNING count, cores, strategy, transport, sleep_ms, spin, range_start, range_end, range_step, \
-         created_at, started_at, attempts, max_attempts, timeout_ms, request_id";
+         chunks_running = chunks_running + $3, version = version + 1 WHERE id = $1";
     pub const RELEASE_JOB: &str = "UPDATE jobs SET chunks_running = chunks_running - $2, \
          chunks_ready = chunks_ready + $2, status = CASE WHEN chunks_running - $2 <= 0 THEN 'queued' ELSE status END, \
          version = version + 1 WHERE id = $1 AND status = 'running'";
@@ -267,8 +275,7 @@ pub(super) fn release_chunks_sql(condition: &str) -> String {
     )
 }
 
-/// Builds a [`ClaimedJob`] from the columns [`q::START_JOB`] returns;
-/// `get_i64`/`get_opt`/`get_text` read a column by name.
+/// The columns of [`q::CLAIMABLE_JOB`] a [`ClaimedJob`](crate::store::ClaimedJob) is built from.
 pub(super) struct ClaimRow {
     pub count: i64,
     pub cores: i64,
@@ -286,6 +293,7 @@ pub(super) struct ClaimRow {
 }
 
 impl ClaimRow {
+    /// The job as [`q::START_JOB`] at `now` leaves it: started (once), its first attempt counted.
     pub fn into_job(self, id: uuid::Uuid, now: i64) -> StoreResult<crate::store::ClaimedJob> {
         let range = match self.range {
             (Some(start), Some(end), Some(step)) => Some(crate::domain::RangeSpec { start, end, step }),
@@ -301,7 +309,7 @@ impl ClaimRow {
             range,
             created_at: self.created_at,
             started_at: self.started_at.unwrap_or(now),
-            attempts: self.attempts as u32,
+            attempts: self.attempts.max(1) as u32,
             max_attempts: self.max_attempts as u32,
             timeout_ms: self.timeout_ms.map(|t| t as u64),
             request_id: self.request_id,

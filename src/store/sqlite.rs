@@ -222,6 +222,25 @@ fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
 }
 
 /// The document of a job row, with the rows it refers to.
+/// The columns of a claimed job (see [`q::CLAIMABLE_JOB`]).
+fn claim_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ClaimRow> {
+    Ok(ClaimRow {
+        count: r.get("count")?,
+        cores: r.get("cores")?,
+        strategy: r.get("strategy")?,
+        transport: r.get("transport")?,
+        sleep_ms: r.get("sleep_ms")?,
+        spin: r.get("spin")?,
+        range: (r.get("range_start")?, r.get("range_end")?, r.get("range_step")?),
+        created_at: r.get("created_at")?,
+        started_at: r.get("started_at")?,
+        attempts: r.get("attempts")?,
+        max_attempts: r.get("max_attempts")?,
+        timeout_ms: r.get("timeout_ms")?,
+        request_id: r.get("request_id")?,
+    })
+}
+
 fn document(c: &Connection, row: JobRow) -> StoreResult<JobDocument> {
     let (mut doc, needs) = row.into_document()?;
     let id = doc.id.to_string();
@@ -608,17 +627,11 @@ fn claim_job(c: &Connection, id: Uuid, node: &str, max: u32, lease_until: i64) -
     let id_text = id.to_string();
     let row = stmt(c, q::CLAIMABLE_JOB)?
         .query_row(params![id_text], |r| {
-            Ok((
-                r.get::<_, i64>("cores")?,
-                r.get::<_, String>("strategy")?,
-                r.get::<_, i64>("chunks_ready")?,
-                r.get::<_, i64>("chunks_running")?,
-                r.get::<_, Option<String>>("series")?,
-                r.get::<_, String>("status")?,
-            ))
+            let counts = (r.get::<_, i64>("chunks_ready")?, r.get::<_, i64>("chunks_running")?);
+            Ok((claim_row(r)?, counts, r.get::<_, Option<String>>("series")?, r.get::<_, String>("status")?))
         })
         .optional()?;
-    let Some((cores, strategy, ready, running, series, status)) = row else { return Ok(None) };
+    let Some((row, (ready, running), series, status)) = row else { return Ok(None) };
     if let (Some(series), "queued") = (series, status.as_str()) {
         // A series runs one job at a time: start this one only when no other is running.
         let busy: i64 = stmt(c, q::SERIES_BUSY)?.query_row(params![series, id_text], |r| r.get(0))?;
@@ -626,12 +639,12 @@ fn claim_job(c: &Connection, id: Uuid, node: &str, max: u32, lease_until: i64) -
             return Ok(None);
         }
     }
-    let take = chunks_to_take(parse_strategy(&strategy)?, cores, running, ready, max);
+    let take = chunks_to_take(parse_strategy(&row.strategy)?, row.cores, running, ready, max);
     if take <= 0 {
         return Ok(None);
     }
-    let mut chunks = stmt(c, q::CLAIM_CHUNKS)?
-        .query_map(params![id_text, node, lease_until, take], |r| {
+    let chunks = stmt(c, q::PENDING_CHUNKS)?
+        .query_map(params![id_text, take], |r| {
             Ok(ChunkPlan {
                 index: r.get::<_, i64>(0)? as u32,
                 offset: r.get::<_, i64>(1)? as u64,
@@ -639,31 +652,18 @@ fn claim_job(c: &Connection, id: Uuid, node: &str, max: u32, lease_until: i64) -
             })
         })?
         .collect::<Result<Vec<_>, _>>()?;
-    chunks.sort_by_key(|c| c.index);
     if chunks.is_empty() {
         return Err(StoreError::Corrupt(format!("job {id} counts ready chunks it does not have")));
+    }
+    let mut claim = stmt(c, q::CLAIM_CHUNK)?;
+    for chunk in &chunks {
+        claim.execute(params![id_text, chunk.index as i64, node, lease_until])?;
     }
     // Read the clock only now: the job's insert has committed, so its start
     // is never before its creation.
     let now = now_micros();
-    let job = stmt(c, q::START_JOB)?.query_row(params![id_text, now, chunks.len() as i64], |r| {
-        Ok(ClaimRow {
-            count: r.get("count")?,
-            cores: r.get("cores")?,
-            strategy: r.get("strategy")?,
-            transport: r.get("transport")?,
-            sleep_ms: r.get("sleep_ms")?,
-            spin: r.get("spin")?,
-            range: (r.get("range_start")?, r.get("range_end")?, r.get("range_step")?),
-            created_at: r.get("created_at")?,
-            started_at: r.get("started_at")?,
-            attempts: r.get("attempts")?,
-            max_attempts: r.get("max_attempts")?,
-            timeout_ms: r.get("timeout_ms")?,
-            request_id: r.get("request_id")?,
-        })
-    })?;
-    let job = job.into_job(id, now)?;
+    stmt(c, q::START_JOB)?.execute(params![id_text, now, chunks.len() as i64])?;
+    let job = row.into_job(id, now)?;
     let input = match prefetch_input(&job) {
         true => {
             let data: Vec<u8> = stmt(c, q::INPUT_SEGMENT)?.query_row(params![id_text, 0i64], |r| r.get(0))?;

@@ -133,7 +133,7 @@ impl Drop for Running {
 /// the pages each one writes to the WAL, are shared by many writes.
 fn run(conn: Connection, queue: mpsc::Receiver<Op>) {
     while let Ok(first) = queue.recv() {
-        let begun = conn.execute_batch("BEGIN IMMEDIATE");
+        let begun = exec_cached(&conn, "BEGIN IMMEDIATE");
         let mut replies: Vec<Reply> = Vec::with_capacity(16);
         let mut next = Some(first);
         while let Some(op) = next {
@@ -143,7 +143,7 @@ fn run(conn: Connection, queue: mpsc::Receiver<Op>) {
             });
             next = if replies.len() < MAX_BATCH { queue.try_recv().ok() } else { None };
         }
-        let committed = begun.and_then(|()| conn.execute_batch("COMMIT"));
+        let committed = begun.and_then(|()| exec_cached(&conn, "COMMIT"));
         if committed.is_err() && !conn.is_autocommit() {
             if let Err(e) = conn.execute_batch("ROLLBACK") {
                 tracing::error!(error = %e, "rolling back a failed SQLite commit failed");
@@ -190,14 +190,20 @@ fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> StoreResult<()> {
 
 /// Runs one write in a savepoint: kept on success, undone on error or panic.
 fn in_savepoint<T>(conn: &Connection, write: impl FnOnce(&Connection) -> StoreResult<T>) -> StoreResult<T> {
-    conn.prepare_cached("SAVEPOINT write")?.execute([])?;
+    exec_cached(conn, "SAVEPOINT write")?;
     let result = catch_unwind(AssertUnwindSafe(|| write(conn)))
         .unwrap_or_else(|_| Err(StoreError::Thread("a write panicked; it was rolled back".into())));
     if result.is_err() {
-        conn.prepare_cached("ROLLBACK TO write")?.execute([])?;
+        exec_cached(conn, "ROLLBACK TO write")?;
     }
-    conn.prepare_cached("RELEASE write")?.execute([])?;
+    exec_cached(conn, "RELEASE write")?;
     result
+}
+
+/// Runs a statement without parameters, prepared once per connection
+/// (`execute_batch` would parse it on every call).
+fn exec_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
 }
 
 /// A cached statement for SQL written with `$N` placeholders (shared with
