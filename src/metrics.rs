@@ -54,6 +54,7 @@ pub struct Metrics {
     pub workers_spawned: Counter,
     pub worker_crashes: Counter,
     pub chunk_seconds: Family<StrategyLabel, Histogram, fn() -> Histogram>,
+    pub lane_batch_jobs: Histogram,
     pub webhook_deliveries: Family<OutcomeLabel, Counter>,
     pub http_requests: Family<RouteStatusLabels, Counter>,
     pub http_seconds: Family<RouteLabel, Histogram, fn() -> Histogram>,
@@ -72,6 +73,7 @@ impl Default for Metrics {
             workers_spawned: Counter::default(),
             worker_crashes: Counter::default(),
             chunk_seconds: Family::new_with_constructor(wall_buckets),
+            lane_batch_jobs: Histogram::new(exponential_buckets(1.0, 2.0, 6)),
             webhook_deliveries: Family::default(),
             http_requests: Family::default(),
             http_seconds: Family::new_with_constructor(http_buckets),
@@ -90,6 +92,11 @@ impl Default for Metrics {
         registry.register("squared_worker_processes_spawned", "Worker subprocesses started", m.workers_spawned.clone());
         registry.register("squared_worker_crashes", "Worker subprocesses that died mid-work", m.worker_crashes.clone());
         registry.register("squared_chunk_seconds", "Chunk run time, by strategy", m.chunk_seconds.clone());
+        registry.register(
+            "squared_lane_batch_jobs",
+            "One-chunk jobs a lane stored in one write (with the claim of its next jobs)",
+            m.lane_batch_jobs.clone(),
+        );
         registry.register(
             "squared_webhook_deliveries",
             "Webhook delivery attempts, by outcome (delivered, retry, failed)",

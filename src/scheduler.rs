@@ -6,7 +6,9 @@
 //! job never has more chunks running at once (cluster-wide) than its cores,
 //! and a heartbeat extends the leases of this node's chunks. A lane that
 //! finishes a chunk claims the next chunk of the same job, keeping its worker;
-//! the node that completes a job's last chunk ends the job in the store.
+//! the node that completes a job's last chunk ends the job in the store. Jobs
+//! of one chunk are stored several per write, and small ones claimed several
+//! per claim (`LANE_BATCH`): a tiny job costs a share of a round trip.
 //!
 //! Lanes are plain OS threads that reach the async store through
 //! `Handle::block_on`: compute never runs on the async runtime's workers.
@@ -28,7 +30,7 @@ use crate::domain::{now_micros, ChunkPlan, JobStatus, Problem, Strategy, Transpo
 use crate::events::{Events, JobEvent};
 use crate::exec::{self, ChunkWork, ExecError, Inputs, Lane, LaneKind, Sink, WorkerCommand};
 use crate::metrics::{FinishedLabels, Metrics};
-use crate::store::{ChunkRecord, Claim, ClaimedJob, NextClaim, Store, StoreResult};
+use crate::store::{ChunkRecord, Claim, ClaimedJob, Completion, Completions, NextClaim, RanChunk, Store, StoreResult};
 
 /// The fallback poll, for work that arrived without a wake-up.
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -39,6 +41,8 @@ const STORE_PATIENCE: Duration = Duration::from_secs(600);
 /// First retry delay after a worker crash; doubles per attempt.
 const RETRY_BASE: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(10);
+/// The most jobs a lane claims at once (small ones only: see `Store::complete_chunks`).
+const LANE_BATCH: u32 = 8;
 
 /// Scheduler settings.
 #[derive(Debug, Clone)]
@@ -471,7 +475,16 @@ impl Scheduler {
 
     /// Runs a store call from a lane, retrying through database outages
     /// (with backoff, up to `STORE_PATIENCE`) unless the job is stopped.
-    fn db<T, F, Fut>(&self, control: &JobControl, what: &str, mut op: F) -> StoreResult<T>
+    fn db<T, F, Fut>(&self, control: &JobControl, what: &str, op: F) -> StoreResult<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = StoreResult<T>>,
+    {
+        self.db_while(|| !control.stopped(), what, op)
+    }
+
+    /// [`Scheduler::db`], retrying while `worth_it` holds.
+    fn db_while<T, F, Fut>(&self, worth_it: impl Fn() -> bool, what: &str, mut op: F) -> StoreResult<T>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = StoreResult<T>>,
@@ -481,7 +494,7 @@ impl Scheduler {
         let mut warned = false;
         loop {
             match self.runtime.block_on(op()) {
-                Err(e) if e.is_transient() && !control.stopped() && Instant::now() < give_up => {
+                Err(e) if e.is_transient() && worth_it() && Instant::now() < give_up => {
                     if !warned {
                         warn!(error = %e, what, "database unavailable; retrying");
                         warned = true;
@@ -501,32 +514,92 @@ impl Scheduler {
         self.metrics.job_wall_seconds.get_or_create(&Metrics::strategy(strategy)).observe(wall_ms / 1000.0);
     }
 
-    /// A lane: starts a worker, then runs chunks of one job until none are
-    /// left; then claims the next work itself, keeping its core, until there
-    /// is none (the claim loop takes over from there).
+    /// A lane: runs the chunks of one job until none are left; then claims
+    /// the next work itself, keeping its core, until there is none (the
+    /// claim loop takes over from there). A job that is one chunk is stored
+    /// together with the others the lane has run by then, in one write that
+    /// also claims the lane's next jobs — several small ones at a time where
+    /// the store batches them.
     fn run_lane(self: &Arc<Self>, local: Arc<LocalJob>, permit: OwnedSemaphorePermit) {
-        let mut local = local;
+        let mut work = VecDeque::from([local]);
+        let mut ran: Vec<(Arc<LocalJob>, RanChunk)> = Vec::new();
         loop {
-            let claimed = {
-                // Every log line of the lane names the job and the request that created it.
-                let request_id = local.job.request_id.as_deref().unwrap_or("");
-                let span = tracing::info_span!("job", job = %local.job.id, request_id = %request_id);
-                let _entered = span.enter();
-                LaneRun { s: self, local: &local }.run()
+            let Some(local) = work.pop_front() else {
+                if !ran.is_empty() {
+                    work.extend(self.store_ran(std::mem::take(&mut ran)));
+                    if work.is_empty() {
+                        break; // the claim found no work
+                    }
+                    continue;
+                }
+                match self.claim_for_lane() {
+                    Some(next) => work.push_back(next),
+                    None => break,
+                }
+                continue;
             };
-            self.lane_gone(&local);
-            let next = match claimed {
-                Some(claim) => claim.map(|claim| self.join(claim)),
-                None => self.claim_for_lane(),
-            };
-            match next {
-                Some(next) => local = next,
-                None => break,
+            let outcome = job_span(&local.job).in_scope(|| LaneRun { s: self, local: &local }.run());
+            match outcome {
+                Ran::Deferred(chunk) => ran.push((local, chunk)),
+                Ran::Claimed(claim) => {
+                    self.lane_gone(&local);
+                    match claim {
+                        Some(claim) => work.push_back(self.join(claim)),
+                        None if work.is_empty() && ran.is_empty() => break, // no work waits
+                        None => {}
+                    }
+                }
+                Ran::Stopped => self.lane_gone(&local),
             }
         }
         drop(permit);
         self.metrics.cores_in_use.dec();
         self.wake();
+    }
+
+    /// Stores the chunks a lane ran (each its job's only one) in one write,
+    /// which also claims the lane's next jobs unless the node is draining;
+    /// returns them, joined.
+    fn store_ran(self: &Arc<Self>, ran: Vec<(Arc<LocalJob>, RanChunk)>) -> Vec<Arc<LocalJob>> {
+        let (jobs, chunks): (Vec<_>, Vec<_>) = ran.into_iter().unzip();
+        self.metrics.lane_batch_jobs.observe(jobs.len() as f64);
+        let next = (!self.draining.load(Ordering::SeqCst))
+            .then(|| NextClaim { node: &self.config.node, lease_until: self.lease_until() });
+        let live = || jobs.iter().any(|local| !local.control.stopped());
+        let stored = self.db_while(live, "complete chunks", || {
+            self.store.complete_chunks(chunks.clone(), now_micros(), next, LANE_BATCH)
+        });
+        match stored {
+            Ok(Completions { done, next }) => {
+                for (local, done) in jobs.iter().zip(done) {
+                    if let Some(done) = done {
+                        job_span(&local.job).in_scope(|| self.completed(&local.job, &done));
+                    }
+                    self.lane_gone(local);
+                }
+                next.into_iter().map(|claim| self.join(claim)).collect()
+            }
+            Err(e) => {
+                for local in &jobs {
+                    job_span(&local.job).in_scope(|| LaneRun { s: self, local }.fail(&ExecError::Store(e.to_string())));
+                    self.lane_gone(local);
+                }
+                Vec::new()
+            }
+        }
+    }
+
+    /// Reports a stored completion: the job's event, and its end if it ended.
+    fn completed(&self, job: &ClaimedJob, done: &Completion) {
+        let status = match done.finished_wall_ms {
+            Some(wall_ms) => {
+                self.count_finished(job, JobStatus::Succeeded, wall_ms);
+                info!(job = %job.id, wall_ms, "job succeeded");
+                JobStatus::Succeeded
+            }
+            None => JobStatus::Running,
+        };
+        self.events.publish(JobEvent { id: job.id, status });
     }
 
     /// One chunk of whichever job is next, for a lane that finished its job:
@@ -552,6 +625,13 @@ impl Scheduler {
         }
         Some(self.join(claim))
     }
+}
+
+/// The span of a lane's work on a job: every log line names the job and the
+/// request that created it.
+fn job_span(job: &ClaimedJob) -> tracing::Span {
+    let request_id = job.request_id.as_deref().unwrap_or("");
+    tracing::info_span!("job", job = %job.id, request_id = %request_id)
 }
 
 /// A handle to a local job's control that keeps the job alive.
@@ -729,19 +809,18 @@ impl LaneRun<'_> {
         }
     }
 
-    /// Runs the job's chunks here until none are left. Returns the claim
-    /// that came with completing the job's last chunk (`Some(None)`: no work
-    /// waits), or `None` if no claim was tried.
-    fn run(&self) -> Option<Option<Claim>> {
+    /// Runs the job's chunks here until none are left, or hands back the
+    /// job's only chunk, run, for the lane to store with others.
+    fn run(&self) -> Ran {
         let s = self.s;
         let job = self.job();
         let index = self.local.next_lane.fetch_add(1, Ordering::SeqCst);
-        let mut chunk = self.next_chunk()?;
+        let Some(mut chunk) = self.next_chunk() else { return Ran::Stopped };
         let (mut worker, mut spawn) = match self.start_worker(index) {
             Ok(started) => started,
             Err(e) => {
                 self.fail(&e);
-                return None;
+                return Ran::Stopped;
             }
         };
         let cached = self.local.input.clone().map(|numbers| (0, numbers));
@@ -782,7 +861,7 @@ impl LaneRun<'_> {
                         Ok(started) => started,
                         Err(e) => {
                             self.fail(&e);
-                            return None;
+                            return Ran::Stopped;
                         }
                     };
                     worker = fresh;
@@ -805,6 +884,12 @@ impl LaneRun<'_> {
                 compute_ms: outcome.compute.as_secs_f64() * 1000.0,
                 store_ms: sink.spent.as_secs_f64() * 1000.0,
             };
+            if chunk.offset == 0 && chunk.len == job.count {
+                // The job's only chunk: stored with the lane's other jobs (`Scheduler::store_ran`).
+                let squares = sink.held.take();
+                self.retire(worker);
+                return Ran::Deferred(RanChunk { id: job.id, chunk, record, squares });
+            }
             let last = sink.held.as_ref().map(|(pos, squares)| (*pos, squares.as_slice()));
             // Once the job is done, its lane goes on to the next job: claim it in the same round trip.
             let next = (!s.draining.load(Ordering::SeqCst))
@@ -816,18 +901,10 @@ impl LaneRun<'_> {
             match completed {
                 Ok(Some(done)) => {
                     finished = done.finished_wall_ms.is_some();
+                    s.completed(job, &done);
                     if finished && next.is_some() {
                         claimed = Some(done.next);
                     }
-                    let status = match done.finished_wall_ms {
-                        Some(wall_ms) => {
-                            s.count_finished(job, JobStatus::Succeeded, wall_ms);
-                            info!(job = %job.id, wall_ms, "job succeeded");
-                            JobStatus::Succeeded
-                        }
-                        None => JobStatus::Running,
-                    };
-                    s.events.publish(JobEvent { id: job.id, status });
                 }
                 Ok(None) => {} // the chunk was taken from us (the job ended, or our lease lapsed)
                 Err(e) => {
@@ -842,8 +919,21 @@ impl LaneRun<'_> {
             }
         }
         self.retire(worker);
-        claimed
+        match claimed {
+            Some(claim) => Ran::Claimed(claim),
+            None => Ran::Stopped,
+        }
     }
+}
+
+/// How a lane's run over a job ended.
+enum Ran {
+    /// No claim came with it: the job stopped, failed, or has no chunk left for this lane.
+    Stopped,
+    /// The job's last chunk was stored with a claim of the next job (`None`: no work waits).
+    Claimed(Option<Claim>),
+    /// The job's only chunk ran and waits to be stored (`Scheduler::store_ran`).
+    Deferred(RanChunk),
 }
 
 /// Stores each segment as a lane produces it, timing the writes. The newest

@@ -193,13 +193,32 @@ pub struct Completion {
     pub next: Option<Claim>,
 }
 
-/// Asks `complete_chunk` to claim one chunk of the next job for `node` once
-/// the job is finished, in the same round trip: the lane that ran the last
-/// chunk goes straight on to the next job.
+/// Asks `complete_chunk` (or `complete_chunks`) to claim the next work for
+/// `node` once the job is finished, in the same round trip: the lane that ran
+/// the last chunk goes straight on to the next job.
 #[derive(Debug, Clone, Copy)]
 pub struct NextClaim<'a> {
     pub node: &'a str,
     pub lease_until: i64,
+}
+
+/// A job's only chunk, run and waiting to be stored with others by
+/// `complete_chunks`.
+#[derive(Debug, Clone)]
+pub struct RanChunk {
+    pub id: Uuid,
+    pub chunk: ChunkPlan,
+    pub record: ChunkRecord,
+    /// The chunk's squares (one segment), from its offset.
+    pub squares: Option<(u64, Vec<i64>)>,
+}
+
+/// What `complete_chunks` did: one entry per chunk (as `complete_chunk`
+/// answers), and the lane's next claims.
+#[derive(Debug, Clone)]
+pub struct Completions {
+    pub done: Vec<Option<Completion>>,
+    pub next: Vec<Claim>,
 }
 
 /// What a webhook delivery attempt led to.
@@ -311,6 +330,11 @@ delegate! {
     /// `node` no longer owns the chunk. With `next`, a finished job's lane
     /// also gets its next claim (see [`Completion::next`]).
     fn complete_chunk(&self, id: Uuid, chunk: &ChunkPlan, record: &ChunkRecord, last: Option<(u64, &[i64])>, now: i64, next: Option<NextClaim<'_>>) -> StoreResult<Option<Completion>>;
+    /// `complete_chunk` for many jobs' only chunks in one round trip; with
+    /// `next` and once one of them finished, claims up to `jobs` jobs for the
+    /// lane: the next claimable job and, where the backend batches (SQLite),
+    /// the small jobs right behind it in claim order (see `sql::batchable`).
+    fn complete_chunks(&self, ran: Vec<RanChunk>, now: i64, next: Option<NextClaim<'_>>, jobs: u32) -> StoreResult<Completions>;
     /// Ends a job as failed (first ending wins); false if it had already ended.
     fn fail_job(&self, id: Uuid, problem: &Problem, now: i64) -> StoreResult<bool>;
     /// Cancels a job that has not ended, dropping any partial result.

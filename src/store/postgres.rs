@@ -556,6 +556,27 @@ impl PgStore {
         Ok(Some(Completion { progress, finished_wall_ms, next }))
     }
 
+    /// One transaction per chunk, and a claim of one job: PostgreSQL does not
+    /// batch lanes yet (its lanes get one job per claim, so `ran` holds one).
+    pub async fn complete_chunks(
+        &self,
+        ran: Vec<RanChunk>,
+        now: i64,
+        next: Option<NextClaim<'_>>,
+        _jobs: u32,
+    ) -> StoreResult<Completions> {
+        let (mut done, mut claimed) = (Vec::with_capacity(ran.len()), Vec::new());
+        for (i, RanChunk { id, chunk, record, squares }) in ran.iter().enumerate() {
+            let last = squares.as_ref().map(|(pos, squares)| (*pos, squares.as_slice()));
+            // The last completion claims (if its job finished).
+            let ask = next.filter(|_| i + 1 == ran.len());
+            let mut completion = self.complete_chunk(*id, chunk, record, last, now, ask).await?;
+            claimed.extend(completion.as_mut().and_then(|c| c.next.take()));
+            done.push(completion);
+        }
+        Ok(Completions { done, next: claimed })
+    }
+
     pub async fn fail_job(&self, id: Uuid, problem: &Problem, now: i64) -> StoreResult<bool> {
         let mut tx = self.writer.begin().await?;
         let ended = finish(&mut tx, &id.to_string(), JobStatus::Failed, Some(problem), now).await?;

@@ -151,8 +151,8 @@ pub(super) mod q {
     pub const INSERT_CHUNK: &str = "INSERT INTO chunks (job_id, idx, pos, len) VALUES ($1, $2, $3, $4)";
     /// A job that can take chunks, with all a node needs to run them: the
     /// row as it is before [`START_JOB`] (see [`ClaimRow::into_job`]).
-    pub const CLAIMABLE_JOB: &str = "SELECT cores, strategy, chunks_ready, chunks_running, series, status, \
-         count, transport, sleep_ms, spin, range_start, range_end, range_step, created_at, started_at, \
+    pub const CLAIMABLE_JOB: &str = "SELECT cores, strategy, chunks_ready, chunks_running, chunks_total, \
+         series, status, count, transport, sleep_ms, spin, range_start, range_end, range_step, created_at, started_at, \
          attempts, max_attempts, timeout_ms, request_id \
          FROM jobs WHERE id = $1 AND status IN ('queued', 'running') AND chunks_ready > 0";
     pub const SERIES_BUSY: &str = "SELECT COUNT(*) FROM jobs WHERE series = $1 AND status = 'running' AND id <> $2";
@@ -441,6 +441,21 @@ pub(super) fn prefetch_input(job: &crate::store::ClaimedJob) -> bool {
 
 /// Rows per multi-row INSERT (well under both backends' parameter limits).
 pub(super) const INSERT_BATCH: usize = 1000;
+
+/// The most numbers a job may have to be claimed in a batch behind another.
+pub(super) const BATCH_MAX_COUNT: i64 = 4096;
+
+/// Whether a claimable job may go in one lane's batch (see
+/// `Store::complete_chunks`): one chunk of a few numbers, with no simulated
+/// work, on a thread — microseconds of work, so the jobs behind it in the
+/// batch hardly wait, while the batch saves a round trip per job.
+pub(super) fn batchable(row: &ClaimRow, chunks_total: i64) -> bool {
+    chunks_total == 1
+        && row.count <= BATCH_MAX_COUNT
+        && row.sleep_ms == 0
+        && row.spin == 0
+        && row.strategy != Strategy::Processes.as_str()
+}
 
 /// How many candidate jobs one claim pass looks at.
 pub(super) const CLAIM_WINDOW: i64 = 16;

@@ -399,7 +399,9 @@ impl SqliteStore {
     pub async fn claim_next(&self, id: Uuid, node: &str, lease_until: i64) -> StoreResult<Option<ChunkPlan>> {
         let node = node.to_string();
         self.writer
-            .write(move |c| Ok(claim_job(c, id, &node, 1, lease_until)?.and_then(|c| c.chunks.into_iter().next())))
+            .write(move |c| {
+                Ok(claim_job(c, id, &node, 1, lease_until, false)?.and_then(|(c, _)| c.chunks.into_iter().next()))
+            })
             .await
     }
 
@@ -475,42 +477,39 @@ impl SqliteStore {
     ) -> StoreResult<Option<Completion>> {
         let (id, chunk, record) = (id.to_string(), *chunk, record.clone());
         let next = next.map(|n| (n.node.to_string(), n.lease_until));
-        let last = last.map(|(pos, squares)| (pos as i64, squares.len() as i64, le_bytes(squares).into_owned()));
+        let last = last.map(|(pos, squares)| (pos, le_bytes(squares).into_owned()));
         self.writer
             .write(move |c| {
-                let updated = stmt(c, q::CHUNK_DONE)?.execute(params![
-                    id,
-                    chunk.index as i64,
-                    record.worker,
-                    record.node,
-                    record.start_ms,
-                    record.duration_ms,
-                    record.spawn_ms,
-                    record.compute_ms,
-                    record.store_ms,
-                ])?;
-                if updated == 0 {
-                    return Ok(None); // no longer ours: canceled, failed or rescued
+                let Some(mut done) = complete(c, &id, &chunk, &record, last, now)? else { return Ok(None) };
+                if let (Some(_), Some((node, lease_until))) = (done.finished_wall_ms, next) {
+                    done.next = claim(c, &node, 1, lease_until)?.pop();
                 }
-                if let Some((pos, len, data)) = last {
-                    stmt(c, q::INSERT_RESULT)?.execute(params![id, pos, len, data])?;
+                Ok(Some(done))
+            })
+            .await
+    }
+
+    pub async fn complete_chunks(
+        &self,
+        ran: Vec<RanChunk>,
+        now: i64,
+        next: Option<NextClaim<'_>>,
+        jobs: u32,
+    ) -> StoreResult<Completions> {
+        let next = next.map(|n| (n.node.to_string(), n.lease_until));
+        self.writer
+            .write(move |c| {
+                let mut done = Vec::with_capacity(ran.len());
+                for RanChunk { id, chunk, record, squares } in ran {
+                    let last = squares.map(|(pos, squares)| (pos, le_bytes(&squares).into_owned()));
+                    done.push(complete(c, &id.to_string(), &chunk, &record, last, now)?);
                 }
-                let progress = stmt(c, q::JOB_PROGRESS)?.query_row(params![id, chunk.len as i64], |r| {
-                    Ok(Progress {
-                        chunks_done: r.get::<_, i64>(0)? as u64,
-                        chunks_total: r.get::<_, i64>(1)? as u64,
-                        numbers_done: r.get::<_, i64>(2)? as u64,
-                    })
-                })?;
-                let mut finished_wall_ms = None;
-                if progress.chunks_done == progress.chunks_total {
-                    finished_wall_ms = finish(c, &id, JobStatus::Succeeded, None, now)?;
-                }
-                let next = match (finished_wall_ms, next) {
-                    (Some(_), Some((node, lease_until))) => claim(c, &node, 1, lease_until)?.pop(),
-                    _ => None,
+                let finished = done.iter().flatten().any(|d| d.finished_wall_ms.is_some());
+                let next = match next {
+                    Some((node, lease_until)) if finished => claim_batch(c, &node, jobs, lease_until)?,
+                    _ => Vec::new(),
                 };
-                Ok(Some(Completion { progress, finished_wall_ms, next }))
+                Ok(Completions { done, next })
             })
             .await
     }
@@ -612,8 +611,35 @@ fn claim(c: &Connection, node: &str, lanes: u32, lease_until: i64) -> StoreResul
             break;
         }
         let id = parse_uuid(&id)?;
-        let claimed = claim_job(c, id, node, free, lease_until);
+        let claimed = claim_job(c, id, node, free, lease_until, false).map(|claimed| claimed.map(|(claim, _)| claim));
         add_claim(&mut claims, &mut free, id, claimed)?;
+    }
+    Ok(claims)
+}
+
+/// A lane's next work: one chunk of the next claimable job and, when that job
+/// is [`batchable`], up to `jobs - 1` more batchable jobs right behind it in
+/// claim order (stopping at the first that is not, so none jumps the queue).
+fn claim_batch(c: &Connection, node: &str, jobs: u32, lease_until: i64) -> StoreResult<Vec<Claim>> {
+    let candidates = stmt(c, &CANDIDATES)?
+        .query_map(params![CLAIM_WINDOW], |r| r.get::<_, String>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut claims = Vec::new();
+    for id in candidates {
+        let id = parse_uuid(&id)?;
+        let first = claims.is_empty();
+        match claim_job(c, id, node, 1, lease_until, !first) {
+            Ok(Some((claim, batchable))) => {
+                claims.push(claim);
+                if !batchable || claims.len() >= jobs as usize {
+                    break;
+                }
+            }
+            Ok(None) if first => {}
+            Ok(None) => break,
+            Err(e @ StoreError::Corrupt(_)) => tracing::error!(job = %id, error = %e, "skipping a job"),
+            Err(e) => return Err(e),
+        }
     }
     Ok(claims)
 }
@@ -622,16 +648,33 @@ fn claim(c: &Connection, node: &str, lanes: u32, lease_until: i64) -> StoreResul
 static CANDIDATES: std::sync::LazyLock<String> =
     std::sync::LazyLock::new(|| claim_candidates_sql("jobs j INDEXED BY jobs_ready"));
 
-/// Claims up to `max` chunks of one job (see `Store::claim`).
-fn claim_job(c: &Connection, id: Uuid, node: &str, max: u32, lease_until: i64) -> StoreResult<Option<Claim>> {
+/// Claims up to `max` chunks of one job (see `Store::claim`); with
+/// `batchable_only`, only a job that [`batchable`] allows. Returns the claim
+/// and whether the job is batchable.
+fn claim_job(
+    c: &Connection,
+    id: Uuid,
+    node: &str,
+    max: u32,
+    lease_until: i64,
+    batchable_only: bool,
+) -> StoreResult<Option<(Claim, bool)>> {
     let id_text = id.to_string();
     let row = stmt(c, q::CLAIMABLE_JOB)?
         .query_row(params![id_text], |r| {
-            let counts = (r.get::<_, i64>("chunks_ready")?, r.get::<_, i64>("chunks_running")?);
+            let counts = (
+                r.get::<_, i64>("chunks_ready")?,
+                r.get::<_, i64>("chunks_running")?,
+                r.get::<_, i64>("chunks_total")?,
+            );
             Ok((claim_row(r)?, counts, r.get::<_, Option<String>>("series")?, r.get::<_, String>("status")?))
         })
         .optional()?;
-    let Some((row, (ready, running), series, status)) = row else { return Ok(None) };
+    let Some((row, (ready, running, total), series, status)) = row else { return Ok(None) };
+    let small = batchable(&row, total);
+    if batchable_only && !small {
+        return Ok(None);
+    }
     if let (Some(series), "queued") = (series, status.as_str()) {
         // A series runs one job at a time: start this one only when no other is running.
         let busy: i64 = stmt(c, q::SERIES_BUSY)?.query_row(params![series, id_text], |r| r.get(0))?;
@@ -671,7 +714,50 @@ fn claim_job(c: &Connection, id: Uuid, node: &str, max: u32, lease_until: i64) -
         }
         false => None,
     };
-    Ok(Some(Claim { job, chunks, input }))
+    Ok(Some((Claim { job, chunks, input }, small)))
+}
+
+/// Marks a chunk done with its `last` segment (position, bytes) and, for
+/// the job's last chunk, ends the job (see `Store::complete_chunk`); `None`
+/// if the chunk is no longer `record.node`'s.
+fn complete(
+    c: &Connection,
+    id: &str,
+    chunk: &ChunkPlan,
+    record: &ChunkRecord,
+    last: Option<(u64, Vec<u8>)>,
+    now: i64,
+) -> StoreResult<Option<Completion>> {
+    let updated = stmt(c, q::CHUNK_DONE)?.execute(params![
+        id,
+        chunk.index as i64,
+        record.worker,
+        record.node,
+        record.start_ms,
+        record.duration_ms,
+        record.spawn_ms,
+        record.compute_ms,
+        record.store_ms,
+    ])?;
+    if updated == 0 {
+        return Ok(None); // no longer ours: canceled, failed or rescued
+    }
+    if let Some((pos, data)) = last {
+        let len = (data.len() / 8) as i64;
+        stmt(c, q::INSERT_RESULT)?.execute(params![id, pos as i64, len, data])?;
+    }
+    let progress = stmt(c, q::JOB_PROGRESS)?.query_row(params![id, chunk.len as i64], |r| {
+        Ok(Progress {
+            chunks_done: r.get::<_, i64>(0)? as u64,
+            chunks_total: r.get::<_, i64>(1)? as u64,
+            numbers_done: r.get::<_, i64>(2)? as u64,
+        })
+    })?;
+    let mut finished_wall_ms = None;
+    if progress.chunks_done == progress.chunks_total {
+        finished_wall_ms = finish(c, id, JobStatus::Succeeded, None, now)?;
+    }
+    Ok(Some(Completion { progress, finished_wall_ms, next: None }))
 }
 
 /// Ends a job that is queued or running: stores its status, error and timing

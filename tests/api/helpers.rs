@@ -155,8 +155,14 @@ impl TestServer {
 
     fn launch(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("log file");
+        // Two cores unless the test asks for another budget.
+        let cores = match self.args.iter().any(|a| a == "--max-cores") {
+            true => &[][..],
+            false => &["--max-cores", "2"][..],
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_squared"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--max-cores", "2", "--database", &self.database_url()])
+            .args(["serve", "--listen", "127.0.0.1:0", "--database", &self.database_url()])
+            .args(cores)
             .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("SQUARED_TEST_TAG", &self.tag)

@@ -251,7 +251,45 @@ async fn execute_sql(url: &str, sql: &str) {
     assert_eq!(affected, 1, "{sql}");
 }
 
+/// A histogram's `_count` and `_sum` from the `/metrics` text.
+async fn histogram(server: &TestServer, name: &str) -> (u64, f64) {
+    let text = server.client.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let value = |suffix: &str| {
+        let line =
+            text.lines().find(|l| l.starts_with(&format!("{name}_{suffix} "))).unwrap_or_else(|| panic!("{text}"));
+        line.rsplit(' ').next().unwrap().parse::<f64>().unwrap()
+    };
+    (value("count") as u64, value("sum"))
+}
+
+async fn small_jobs_queued_behind_a_busy_lane_are_stored_eight_per_write_on_sqlite(backend: Backend) {
+    // One core: a slow job holds the only lane while twenty small jobs queue behind it.
+    let server = TestServer::start_with(backend, &["--max-cores", "1"]).await;
+    let slow = server.submit(&json!({"numbers": [3, 4], "cores": 1, "simulate": {"sleep_ms": 800}})).await;
+    let mut small = Vec::new();
+    for i in 0..20i64 {
+        let numbers = [i, -i - 1, 3_037_000_499 - i];
+        small.push((numbers, server.submit(&json!({"numbers": numbers, "cores": 1, "strategy": "threads"})).await));
+    }
+    assert_eq!(server.job(&slow).await["status"], "running", "the small jobs must queue behind the slow one");
+    assert_eq!(server.wait_end(&slow, 30).await["status"], "succeeded");
+    for (numbers, id) in &small {
+        let doc = server.wait_end(id, 30).await;
+        assert_eq!(doc["status"], "succeeded", "{doc}");
+        assert_eq!(server.squares(id).await, squares_of(numbers));
+    }
+    // The slow job's write claims the first eight small jobs; their write the
+    // next eight; theirs the last four; theirs finds nothing. PostgreSQL
+    // does not batch: one write per job.
+    let writes = match backend {
+        Backend::Sqlite => 4,
+        Backend::Postgres => 21,
+    };
+    assert_eq!(histogram(&server, "squared_lane_batch_jobs").await, (writes, 21.0));
+}
+
 crate::backend_tests!(
+    small_jobs_queued_behind_a_busy_lane_are_stored_eight_per_write_on_sqlite,
     an_older_job_row_reads_its_chunk_timings_from_the_chunks_table,
     every_strategy_and_transport_squares_random_numbers_exactly,
     the_extremes_square_to_exact_64_bit_values,
