@@ -187,6 +187,13 @@ pub(super) mod q {
     pub const JOB_PROGRESS: &str = "UPDATE jobs SET chunks_done = chunks_done + 1, \
          chunks_running = chunks_running - 1, numbers_done = numbers_done + $2, version = version + 1 \
          WHERE id = $1 RETURNING chunks_done, chunks_total, numbers_done";
+    /// SQLite's [`JOB_PROGRESS`], in two steps (a `RETURNING` costs SQLite a
+    /// temporary b-tree): the job's counts and times before the chunk counts,
+    /// then the count.
+    pub const JOB_STATE: &str = "SELECT chunks_done, chunks_total, numbers_done, created_at, started_at, \
+         callback_url IS NOT NULL AS has_callback FROM jobs WHERE id = $1";
+    pub const ADD_PROGRESS: &str = "UPDATE jobs SET chunks_done = chunks_done + 1, \
+         chunks_running = chunks_running - 1, numbers_done = numbers_done + $2, version = version + 1 WHERE id = $1";
     /// The done chunks' timings, in order ([`DoneChunk`] columns).
     pub const DONE_CHUNKS: &str = "SELECT idx, pos, len, worker, node, start_ms, duration_ms, runs, spawn_ms, \
          compute_ms, store_ms FROM chunks WHERE job_id = $1 AND state = 'done' ORDER BY idx";

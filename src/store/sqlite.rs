@@ -746,16 +746,20 @@ fn complete(
         let len = (data.len() / 8) as i64;
         stmt(c, q::INSERT_RESULT)?.execute(params![id, pos as i64, len, data])?;
     }
-    let progress = stmt(c, q::JOB_PROGRESS)?.query_row(params![id, chunk.len as i64], |r| {
-        Ok(Progress {
-            chunks_done: r.get::<_, i64>(0)? as u64,
-            chunks_total: r.get::<_, i64>(1)? as u64,
-            numbers_done: r.get::<_, i64>(2)? as u64,
-        })
+    let (before, times) = stmt(c, q::JOB_STATE)?.query_row(params![id], |r| {
+        let counts = (r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?);
+        Ok((counts, JobTimes { created_at: r.get(3)?, started_at: r.get(4)?, has_callback: r.get(5)? }))
     })?;
+    stmt(c, q::ADD_PROGRESS)?.execute(params![id, chunk.len as i64])?;
+    let (chunks_done, chunks_total, numbers_done) = before;
+    let progress = Progress {
+        chunks_done: (chunks_done + 1) as u64,
+        chunks_total: chunks_total as u64,
+        numbers_done: (numbers_done + chunk.len as i64) as u64,
+    };
     let mut finished_wall_ms = None;
     if progress.chunks_done == progress.chunks_total {
-        finished_wall_ms = finish(c, id, JobStatus::Succeeded, None, now)?;
+        finished_wall_ms = end(c, id, JobStatus::Succeeded, None, now, times)?;
     }
     Ok(Some(Completion { progress, finished_wall_ms, next: None }))
 }
@@ -764,8 +768,29 @@ fn complete(
 /// totals, and releases its running chunks. Returns the wall time, or `None`
 /// if the job had already ended.
 fn finish(c: &Connection, id: &str, status: JobStatus, error: Option<&Problem>, now: i64) -> StoreResult<Option<f64>> {
-    let (created_at, started_at, has_callback) =
-        stmt(c, q::JOB_TIMES)?.query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, bool>(2)?)))?;
+    let times = stmt(c, q::JOB_TIMES)?.query_row(params![id], |r| {
+        Ok(JobTimes { created_at: r.get(0)?, started_at: r.get(1)?, has_callback: r.get(2)? })
+    })?;
+    end(c, id, status, error, now, times)
+}
+
+/// A job's times, as [`finish`] needs them.
+struct JobTimes {
+    created_at: i64,
+    started_at: Option<i64>,
+    has_callback: bool,
+}
+
+/// [`finish`] with the job's times already read.
+fn end(
+    c: &Connection,
+    id: &str,
+    status: JobStatus,
+    error: Option<&Problem>,
+    now: i64,
+    times: JobTimes,
+) -> StoreResult<Option<f64>> {
+    let JobTimes { created_at, started_at, has_callback } = times;
     let (timing, wall_ms) = timing_totals(created_at, started_at, done_chunks(c, id)?, now);
     let error = error.map(|e| serde_json::to_string(e).expect("problem serialises"));
     if stmt(c, q::FINISH_JOB)?.execute(params![id, status.as_str(), now, timing, error])? == 0 {
