@@ -566,9 +566,8 @@ impl Scheduler {
         let next = (!self.draining.load(Ordering::SeqCst))
             .then(|| NextClaim { node: &self.config.node, lease_until: self.lease_until() });
         let live = || jobs.iter().any(|local| !local.control.stopped());
-        let stored = self.db_while(live, "complete chunks", || {
-            self.store.complete_chunks(chunks.clone(), now_micros(), next, LANE_BATCH)
-        });
+        let stored = self
+            .db_while(live, "complete chunks", || self.store.complete_chunks(&chunks, now_micros(), next, LANE_BATCH));
         match stored {
             Ok(Completions { done, next }) => {
                 for (local, done) in jobs.iter().zip(done) {

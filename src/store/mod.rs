@@ -334,7 +334,7 @@ delegate! {
     /// `next` and once one of them finished, claims up to `jobs` jobs for the
     /// lane: the next claimable job and, where the backend batches (SQLite),
     /// the small jobs right behind it in claim order (see `sql::batchable`).
-    fn complete_chunks(&self, ran: Vec<RanChunk>, now: i64, next: Option<NextClaim<'_>>, jobs: u32) -> StoreResult<Completions>;
+    fn complete_chunks(&self, ran: &[RanChunk], now: i64, next: Option<NextClaim<'_>>, jobs: u32) -> StoreResult<Completions>;
     /// Ends a job as failed (first ending wins); false if it had already ended.
     fn fail_job(&self, id: Uuid, problem: &Problem, now: i64) -> StoreResult<bool>;
     /// Cancels a job that has not ended, dropping any partial result.

@@ -560,7 +560,7 @@ impl PgStore {
     /// batch lanes yet (its lanes get one job per claim, so `ran` holds one).
     pub async fn complete_chunks(
         &self,
-        ran: Vec<RanChunk>,
+        ran: &[RanChunk],
         now: i64,
         next: Option<NextClaim<'_>>,
         _jobs: u32,

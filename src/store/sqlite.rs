@@ -221,7 +221,6 @@ fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
     })
 }
 
-/// The document of a job row, with the rows it refers to.
 /// The columns of a claimed job (see [`q::CLAIMABLE_JOB`]).
 fn claim_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ClaimRow> {
     Ok(ClaimRow {
@@ -241,6 +240,7 @@ fn claim_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ClaimRow> {
     })
 }
 
+/// The document of a job row, with the rows it refers to.
 fn document(c: &Connection, row: JobRow) -> StoreResult<JobDocument> {
     let (mut doc, needs) = row.into_document()?;
     let id = doc.id.to_string();
@@ -491,18 +491,24 @@ impl SqliteStore {
 
     pub async fn complete_chunks(
         &self,
-        ran: Vec<RanChunk>,
+        ran: &[RanChunk],
         now: i64,
         next: Option<NextClaim<'_>>,
         jobs: u32,
     ) -> StoreResult<Completions> {
         let next = next.map(|n| (n.node.to_string(), n.lease_until));
+        let ran: Vec<_> = ran
+            .iter()
+            .map(|r| {
+                let last = r.squares.as_ref().map(|(pos, squares)| (*pos, le_bytes(squares).into_owned()));
+                (r.id.to_string(), r.chunk, r.record.clone(), last)
+            })
+            .collect();
         self.writer
             .write(move |c| {
                 let mut done = Vec::with_capacity(ran.len());
-                for RanChunk { id, chunk, record, squares } in ran {
-                    let last = squares.map(|(pos, squares)| (pos, le_bytes(&squares).into_owned()));
-                    done.push(complete(c, &id.to_string(), &chunk, &record, last, now)?);
+                for (id, chunk, record, last) in ran {
+                    done.push(complete(c, &id, &chunk, &record, last, now)?);
                 }
                 let finished = done.iter().flatten().any(|d| d.finished_wall_ms.is_some());
                 let next = match next {
@@ -601,9 +607,7 @@ impl SqliteStore {
 
 /// Claims up to `lanes` chunks for `node` (see `Store::claim`).
 fn claim(c: &Connection, node: &str, lanes: u32, lease_until: i64) -> StoreResult<Vec<Claim>> {
-    let candidates = stmt(c, &CANDIDATES)?
-        .query_map(params![CLAIM_WINDOW], |r| r.get::<_, String>(0))?
-        .collect::<Result<Vec<_>, _>>()?;
+    let candidates = candidates(c)?;
     let mut claims = Vec::new();
     let mut free = lanes;
     for id in candidates {
@@ -621,9 +625,7 @@ fn claim(c: &Connection, node: &str, lanes: u32, lease_until: i64) -> StoreResul
 /// is [`batchable`], up to `jobs - 1` more batchable jobs right behind it in
 /// claim order (stopping at the first that is not, so none jumps the queue).
 fn claim_batch(c: &Connection, node: &str, jobs: u32, lease_until: i64) -> StoreResult<Vec<Claim>> {
-    let candidates = stmt(c, &CANDIDATES)?
-        .query_map(params![CLAIM_WINDOW], |r| r.get::<_, String>(0))?
-        .collect::<Result<Vec<_>, _>>()?;
+    let candidates = candidates(c)?;
     let mut claims = Vec::new();
     for id in candidates {
         let id = parse_uuid(&id)?;
@@ -642,6 +644,13 @@ fn claim_batch(c: &Connection, node: &str, jobs: u32, lease_until: i64) -> Store
         }
     }
     Ok(claims)
+}
+
+/// The ids of the next claimable jobs, in claim order (see `Store::claim`).
+fn candidates(c: &Connection) -> StoreResult<Vec<String>> {
+    let mut scan = stmt(c, &CANDIDATES)?;
+    let ids = scan.query_map(params![CLAIM_WINDOW], |r| r.get(0))?.collect::<Result<Vec<_>, _>>()?;
+    Ok(ids)
 }
 
 /// The claim scan, on the index that yields jobs in claim order.
