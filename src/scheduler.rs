@@ -10,8 +10,14 @@
 //! of one chunk are stored several per write, and small ones claimed several
 //! per claim (`LANE_BATCH`): a tiny job costs a share of a round trip.
 //!
-//! Lanes are plain OS threads that reach the async store through
-//! `Handle::block_on`: compute never runs on the async runtime's workers.
+//! Every claim holds the cores it claims for before it runs (`reserve`): the
+//! claim loop's, and on SQLite a submission's, whose write claims work for
+//! the free cores it found, so a job sent to an idle node starts in the
+//! transaction that stores it.
+//!
+//! Lanes are plain OS threads (kept a while between lanes: `LaneThreads`)
+//! that reach the async store through `Handle::block_on`: compute never
+//! runs on the async runtime's workers.
 //! A job running here can be aborted — canceled, timed out, ended elsewhere,
 //! or stopped by a shutdown — through its [`JobControl`]: lanes stop at their
 //! next item and worker processes are killed at once.
@@ -36,6 +42,8 @@ use crate::store::{ChunkRecord, Claim, ClaimedJob, Completion, Completions, Next
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// How long an idle worker process stays warm before it is stopped.
 const POOL_IDLE: Duration = Duration::from_secs(2);
+/// How long a lane thread waits for the next lane before it exits.
+const LANE_THREAD_IDLE: Duration = Duration::from_secs(10);
 /// How long a lane keeps retrying a store call through a database outage.
 const STORE_PATIENCE: Duration = Duration::from_secs(600);
 /// First retry delay after a worker crash; doubles per attempt.
@@ -152,6 +160,19 @@ impl JobControl {
     }
 }
 
+/// Free cores held for a claim about to run ([`Scheduler::reserve`]);
+/// dropping it hands them back.
+pub struct Reserved {
+    permits: Vec<OwnedSemaphorePermit>,
+}
+
+impl Reserved {
+    /// How many cores are held.
+    pub fn lanes(&self) -> u32 {
+        self.permits.len() as u32
+    }
+}
+
 /// A job with lanes on this node.
 struct LocalJob {
     job: ClaimedJob,
@@ -185,6 +206,8 @@ pub struct Scheduler {
     /// Idle worker processes kept warm for the next job (at most one per
     /// core), with when each went idle; they exit after `POOL_IDLE`.
     pool: Mutex<Vec<(Instant, Box<dyn Lane>)>>,
+    /// Lane threads between lanes.
+    threads: Arc<LaneThreads>,
     runtime: Handle,
 }
 
@@ -201,6 +224,7 @@ impl Scheduler {
             draining: AtomicBool::new(false),
             running: Mutex::new(HashMap::new()),
             pool: Mutex::new(Vec::new()),
+            threads: Arc::new(LaneThreads::new(LANE_THREAD_IDLE)),
             runtime: Handle::current(),
         })
     }
@@ -217,6 +241,11 @@ impl Scheduler {
 
     fn local_jobs(&self) -> Vec<Arc<LocalJob>> {
         self.running.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
+    /// What a write that claims for this node needs: its name and a fresh lease.
+    pub fn next_claim(&self) -> NextClaim<'_> {
+        NextClaim { node: &self.config.node, lease_until: self.lease_until() }
     }
 
     fn lease_until(&self) -> i64 {
@@ -255,32 +284,69 @@ impl Scheduler {
     /// Claims chunks for the free cores and starts a lane per chunk. Returns
     /// whether it started anything.
     async fn claim_and_start(self: &Arc<Self>) -> Result<bool, crate::store::StoreError> {
-        let free = self.cores.available_permits() as u32;
-        if free == 0 {
+        // The cores are held while the claim runs: a submission's claim
+        // (`reserve`) must not take them in between.
+        let Some(Reserved { mut permits }) = self.reserve(u32::MAX) else {
             return Ok(false);
-        }
-        let claims = self.store.claim(&self.config.node, free, self.lease_until()).await?;
+        };
+        let claims = self.store.claim(&self.config.node, permits.len() as u32, self.lease_until()).await?;
         let started = !claims.is_empty();
         for claim in claims {
-            self.start_lanes(claim);
+            self.start_lanes_with(claim, &mut permits);
         }
         Ok(started)
     }
 
+    /// Up to `most` of the node's free cores, held for a claim that is about
+    /// to run: the claim loop's, or a submission's whose write claims work
+    /// (`Store::insert_job`), so that a job submitted to a node with a free
+    /// core starts in the transaction that stores it, with no trip through
+    /// the claim loop. `None` while draining or when no core is free.
+    pub fn reserve(&self, most: u32) -> Option<Reserved> {
+        if self.draining.load(Ordering::SeqCst) {
+            return None;
+        }
+        let permits: Vec<_> =
+            std::iter::from_fn(|| self.cores.clone().try_acquire_owned().ok()).take(most as usize).collect();
+        (!permits.is_empty()).then_some(Reserved { permits })
+    }
+
+    /// After a submission's write: starts lanes for what it claimed with the
+    /// `reserved` cores (`claimed` is `None` when the write did not claim)
+    /// and hands back the cores left over. The claim loop is woken unless
+    /// every reserved core got a lane: then no core is left free by this
+    /// submission, and the lanes claim what waits once they are done.
+    pub fn submitted(self: &Arc<Self>, reserved: Option<Reserved>, claimed: Option<Vec<Claim>>) {
+        let mut permits = reserved.map(|r| r.permits).unwrap_or_default();
+        let claimed_any = claimed.as_ref().is_some_and(|c| !c.is_empty());
+        for claim in claimed.unwrap_or_default() {
+            self.start_lanes_with(claim, &mut permits);
+        }
+        if !claimed_any || !permits.is_empty() {
+            drop(permits);
+            self.wake();
+        }
+    }
+
     /// Starts one lane per claimed chunk, joining the job's local state.
     fn start_lanes(self: &Arc<Self>, claim: Claim) {
+        self.start_lanes_with(claim, &mut Vec::new());
+    }
+
+    /// [`Scheduler::start_lanes`], taking the lanes' cores from `permits`
+    /// first and then from the free ones.
+    fn start_lanes_with(self: &Arc<Self>, claim: Claim, permits: &mut Vec<OwnedSemaphorePermit>) {
         let (id, lanes) = (claim.job.id, claim.chunks.len());
         let local = self.join(claim);
         for _ in 0..lanes {
-            let Ok(permit) = self.cores.clone().try_acquire_owned() else {
+            let Some(permit) = permits.pop().or_else(|| self.cores.clone().try_acquire_owned().ok()) else {
                 error!(job = %id, "claimed more chunks than free cores");
                 self.lane_gone(&local);
                 continue;
             };
             self.metrics.cores_in_use.inc();
             let (this, lane_job) = (self.clone(), local.clone());
-            let spawned =
-                std::thread::Builder::new().name("squared-lane".into()).spawn(move || this.run_lane(lane_job, permit));
+            let spawned = self.threads.run(Box::new(move || this.run_lane(lane_job, permit)));
             if let Err(e) = spawned {
                 // Its chunk stays claimed until its lease runs out and it is rescued.
                 error!(job = %id, error = %e, "could not start a lane thread");
@@ -563,8 +629,7 @@ impl Scheduler {
     fn store_ran(self: &Arc<Self>, ran: Vec<(Arc<LocalJob>, RanChunk)>) -> Vec<Arc<LocalJob>> {
         let (jobs, chunks): (Vec<_>, Vec<_>) = ran.into_iter().unzip();
         self.metrics.lane_batch_jobs.observe(jobs.len() as f64);
-        let next = (!self.draining.load(Ordering::SeqCst))
-            .then(|| NextClaim { node: &self.config.node, lease_until: self.lease_until() });
+        let next = (!self.draining.load(Ordering::SeqCst)).then(|| self.next_claim());
         let live = || jobs.iter().any(|local| !local.control.stopped());
         let stored = self
             .db_while(live, "complete chunks", || self.store.complete_chunks(&chunks, now_micros(), next, LANE_BATCH));
@@ -623,6 +688,64 @@ impl Scheduler {
             self.start_lanes(extra);
         }
         Some(self.join(claim))
+    }
+}
+
+/// A lane's whole run, handed to a lane thread.
+type LaneTask = Box<dyn FnOnce() + Send>;
+
+/// The OS threads lanes run on. A thread whose lane ended waits `keep`
+/// ([`LANE_THREAD_IDLE`]) for the next lane before it exits, so a node that
+/// keeps getting work starts no thread per job.
+struct LaneThreads {
+    keep: Duration,
+    /// Idle threads, each with its own task channel and an id.
+    idle: Mutex<Vec<(u64, std::sync::mpsc::Sender<LaneTask>)>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+impl LaneThreads {
+    fn new(keep: Duration) -> Self {
+        LaneThreads { keep, idle: Mutex::new(Vec::new()), next_id: Default::default() }
+    }
+
+    /// Runs `task` on an idle thread, or on a new one.
+    fn run(self: &Arc<Self>, mut task: LaneTask) -> std::io::Result<()> {
+        loop {
+            let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let Some((_, thread)) = idle else { break };
+            match thread.send(task) {
+                Ok(()) => return Ok(()),
+                Err(std::sync::mpsc::SendError(back)) => task = back, // it exited: try the next
+            }
+        }
+        let (tasks, inbox) = std::sync::mpsc::channel::<LaneTask>();
+        let (this, id) = (self.clone(), self.next_id.fetch_add(1, Ordering::Relaxed));
+        std::thread::Builder::new().name("squared-lane".into()).spawn(move || {
+            let mut next = Some(task);
+            while let Some(task) = next.take() {
+                task();
+                this.idle.lock().unwrap_or_else(|p| p.into_inner()).push((id, tasks.clone()));
+                next = match inbox.recv_timeout(this.keep) {
+                    Ok(task) => Some(task),
+                    Err(_) => {
+                        let mut idle = this.idle.lock().unwrap_or_else(|p| p.into_inner());
+                        match idle.iter().position(|(i, _)| *i == id) {
+                            Some(at) => {
+                                idle.swap_remove(at); // nobody took it: exit
+                                None
+                            }
+                            // Taken in the meantime: its task is on the way.
+                            None => {
+                                drop(idle);
+                                inbox.recv().ok()
+                            }
+                        }
+                    }
+                };
+            }
+        })?;
+        Ok(())
     }
 }
 
@@ -891,8 +1014,7 @@ impl LaneRun<'_> {
             }
             let last = sink.held.as_ref().map(|(pos, squares)| (*pos, squares.as_slice()));
             // Once the job is done, its lane goes on to the next job: claim it in the same round trip.
-            let next = (!s.draining.load(Ordering::SeqCst))
-                .then(|| NextClaim { node: &s.config.node, lease_until: s.lease_until() });
+            let next = (!s.draining.load(Ordering::SeqCst)).then(|| s.next_claim());
             let completed = s.db(self.control(), "complete chunk", || {
                 s.store.complete_chunk(job.id, &chunk, &record, last, now_micros(), next)
             });
@@ -1003,5 +1125,55 @@ impl Inputs for StoreInputs<'_> {
         numbers
             .get(start..start + len)
             .ok_or_else(|| ExecError::Store(format!("input segment at {segment} is too short")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `task` on `threads` and waits for it; returns the thread it ran on.
+    fn run_on(threads: &Arc<LaneThreads>, task: impl FnOnce() + Send + 'static) -> std::thread::ThreadId {
+        let (done, finished) = std::sync::mpsc::channel();
+        threads
+            .run(Box::new(move || {
+                task();
+                done.send(std::thread::current().id()).unwrap();
+            }))
+            .unwrap();
+        finished.recv_timeout(Duration::from_secs(10)).expect("the task ran")
+    }
+
+    #[test]
+    fn lane_threads_are_reused_while_work_keeps_coming_and_exit_when_idle() {
+        let threads = Arc::new(LaneThreads::new(Duration::from_millis(200)));
+        let first = run_on(&threads, || {});
+        // The thread lists itself as idle just after the task.
+        let listed = Instant::now() + Duration::from_secs(5);
+        while threads.idle.lock().unwrap().is_empty() && Instant::now() < listed {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(run_on(&threads, || {}), first, "an idle thread takes the next lane");
+
+        // Two lanes at once need two threads.
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let (started, running) = std::sync::mpsc::channel();
+        threads
+            .run(Box::new(move || {
+                started.send(std::thread::current().id()).unwrap();
+                wait.recv().unwrap();
+            }))
+            .unwrap();
+        let busy = running.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_ne!(run_on(&threads, || {}), busy, "a busy thread is not handed a second lane");
+        release.send(()).unwrap();
+
+        // Past `keep`, idle threads exit; a new lane still runs.
+        let gone = Instant::now() + Duration::from_secs(10);
+        while !threads.idle.lock().unwrap().is_empty() && Instant::now() < gone {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(threads.idle.lock().unwrap().is_empty(), "idle threads exit after keep");
+        run_on(&threads, || {});
     }
 }

@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::api::{self, AppState};
+use crate::api::{self, AppContext, AppState};
 use crate::config::ServeArgs;
 use crate::domain::JobStatus;
 use crate::domain::Limits;
@@ -72,7 +72,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
     );
     let (stop, stopped) = watch::channel(false);
-    let state = AppState {
+    let state = AppState::new(AppContext {
         store: store.clone(),
         scheduler: scheduler.clone(),
         events: events.clone(),
@@ -95,7 +95,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             allowed_hosts: args.allow_callback_hosts.clone(),
             max_attempts: args.webhook_max_attempts,
         },
-    };
+    });
     let webhook_config = state.webhooks.clone();
 
     let scheduler_task = tokio::spawn(scheduler.clone().run(stopped.clone()));
@@ -105,25 +105,29 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let heartbeat_task = tokio::spawn(scheduler.clone().heartbeat(halted));
     let pool_task = tokio::spawn(scheduler.clone().reap_idle_workers(stopped.clone()));
     let retention_task = tokio::spawn(retention(store.clone(), args.retention, stopped.clone()));
-    let webhook_wake = Arc::new(tokio::sync::Notify::new());
-    tokio::spawn(crate::webhooks::run(
-        store.clone(),
-        webhook_config,
-        metrics.clone(),
-        webhook_wake.clone(),
-        stopped.clone(),
-    ));
-    // A job that ends (here or, through NOTIFY, elsewhere) may have a webhook due.
-    let mut ended = events.subscribe();
-    tokio::spawn(async move {
-        loop {
-            match ended.recv().await {
-                Ok(event) if event.status.is_final() => webhook_wake.notify_one(),
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+    // Without a secret no callback is accepted, so nothing is delivered and
+    // no job's end needs to wake anyone.
+    if webhook_config.secret.is_some() {
+        let webhook_wake = Arc::new(tokio::sync::Notify::new());
+        tokio::spawn(crate::webhooks::run(
+            store.clone(),
+            webhook_config,
+            metrics.clone(),
+            webhook_wake.clone(),
+            stopped.clone(),
+        ));
+        // A job that ends (here or, through NOTIFY, elsewhere) may have a webhook due.
+        let mut ended = events.subscribe();
+        tokio::spawn(async move {
+            loop {
+                match ended.recv().await {
+                    Ok(event) if event.status.is_final() => webhook_wake.notify_one(),
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
             }
-        }
-    });
+        });
+    }
     if let Store::Postgres(pg) = &store {
         tokio::spawn(listen(pg.clone(), scheduler.clone(), events.clone(), stopped.clone()));
     }

@@ -225,8 +225,9 @@ pub async fn create_comparison(
                 max_queued: None,
                 series: Some(id),
                 request_id: headers.get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_string),
+                claim: None,
             };
-            match app.store.insert_job(&new_job).await? {
+            match app.store.insert_job(&new_job).await?.0 {
                 Inserted::New => cell.job_ids.push(job),
                 other => return Err(ApiError::Internal(format!("inserting a comparison job: {other:?}"))),
             }

@@ -12,6 +12,7 @@ use axum::{Json, Router};
 use http_body_util::BodyExt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use tracing::Instrument;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -143,17 +144,46 @@ pub async fn submit_job(State(app): State<AppState>, headers: HeaderMap, body: B
         body_hash,
         expires_at: created_at.saturating_add(app.idempotency_ttl.as_micros().min(i64::MAX as u128) as i64),
     });
-    let new_job = NewJob {
-        id,
-        spec: &spec,
-        created_at,
-        chunks: &chunks,
-        idempotency,
-        max_queued: app.max_queued,
-        series: None,
-        request_id: headers.get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_string),
+    // The node's free cores, for work the submission's write claims (held
+    // until the lanes start; a refusal hands them back).
+    let reserved = match app.store.claims_with_insert() {
+        true => app.scheduler.reserve(spec.cores.min(chunks.len() as u32)),
+        false => None,
     };
-    match app.store.insert_job(&new_job).await? {
+    // The write and the start of what it claimed run as one task: a client
+    // that goes away mid-request must not strand claimed chunks until their
+    // lease runs out.
+    let request_id = headers.get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let task = {
+        let app = app.clone();
+        async move {
+            let new_job = NewJob {
+                id,
+                spec: &spec,
+                created_at,
+                chunks: &chunks,
+                idempotency,
+                max_queued: app.max_queued,
+                series: None,
+                request_id,
+                claim: reserved.as_ref().map(|r| (app.scheduler.next_claim(), r.lanes())),
+            };
+            let inserted = app.store.insert_job(&new_job).await.map(|(inserted, claimed)| {
+                if inserted == Inserted::New {
+                    app.metrics.jobs_submitted.get_or_create(&Metrics::strategy(spec.strategy.as_str())).inc();
+                    let (count, strategy, cores) = (spec.count, spec.strategy.as_str(), spec.cores);
+                    tracing::info!(job = %id, count, strategy, cores, "job accepted");
+                    app.scheduler.submitted(reserved, claimed);
+                }
+                inserted
+            });
+            (inserted, spec, chunks)
+        }
+    };
+    let (inserted, spec, chunks) = tokio::spawn(task.instrument(tracing::Span::current()))
+        .await
+        .map_err(|e| ApiError::Internal(format!("the submission task failed: {e}")))?;
+    match inserted? {
         Inserted::New => {}
         Inserted::Existing(existing) => {
             let doc = app.store.job(existing).await?.ok_or_else(|| not_found(existing))?;
@@ -168,9 +198,6 @@ pub async fn submit_job(State(app): State<AppState>, headers: HeaderMap, body: B
         }
         Inserted::QueueFull => return Err(ApiError::QueueFull { max: app.max_queued.unwrap_or(0) }),
     }
-    app.metrics.jobs_submitted.get_or_create(&Metrics::strategy(spec.strategy.as_str())).inc();
-    app.scheduler.wake();
-    tracing::info!(job = %id, count = spec.count, strategy = spec.strategy.as_str(), cores = spec.cores, "job accepted");
 
     let doc = JobDocument {
         id,

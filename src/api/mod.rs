@@ -32,9 +32,26 @@ use crate::metrics::{Metrics, RouteLabel, RouteStatusLabels};
 use crate::scheduler::Scheduler;
 use crate::store::Store;
 
-/// What every handler can reach.
+/// What every handler can reach: one [`AppContext`], shared (every layer
+/// and handler takes its own handle, so a clone must cost one count).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppContext>);
+
+impl AppState {
+    pub fn new(context: AppContext) -> Self {
+        AppState(Arc::new(context))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppContext;
+    fn deref(&self) -> &AppContext {
+        &self.0
+    }
+}
+
+/// The server's parts and settings, behind [`AppState`].
+pub struct AppContext {
     pub store: Store,
     pub scheduler: Arc<Scheduler>,
     pub events: Events,

@@ -106,6 +106,9 @@ pub struct NewJob<'a> {
     pub series: Option<Uuid>,
     /// The submission's `x-request-id`, carried into the job's logs.
     pub request_id: Option<String>,
+    /// Claim work for this many free cores of a node in the same write,
+    /// where the backend can (SQLite; see `Store::insert_job`).
+    pub claim: Option<(NextClaim<'a>, u32)>,
 }
 
 /// An `Idempotency-Key` with the hash of the body it came with.
@@ -300,12 +303,23 @@ macro_rules! delegate {
     };
 }
 
+impl Store {
+    /// Whether `insert_job` claims work for `NewJob::claim` (SQLite: in the
+    /// same transaction; PostgreSQL leaves it to the claim loop).
+    pub fn claims_with_insert(&self) -> bool {
+        matches!(self, Store::Sqlite(_))
+    }
+}
+
 delegate! {
     /// Whether the database answers.
     fn ping(&self) -> StoreResult<()>;
     /// Stores a new job with its input and chunks, in one transaction; or,
-    /// for a known idempotency key or a full queue, says why not.
-    fn insert_job(&self, job: &NewJob<'_>) -> StoreResult<Inserted>;
+    /// for a known idempotency key or a full queue, says why not. With
+    /// `job.claim`, a new job's transaction on SQLite also claims work (this
+    /// job or any before it in claim order) for the free cores: `Some` with
+    /// the claims when it tried, `None` when it did not or the claim failed.
+    fn insert_job(&self, job: &NewJob<'_>) -> StoreResult<(Inserted, Option<Vec<Claim>>)>;
     /// The job document, or `None` for an unknown id.
     fn job(&self, id: Uuid) -> StoreResult<Option<JobDocument>>;
     /// A job's status and number count, or `None` for an unknown id.

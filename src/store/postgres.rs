@@ -192,7 +192,9 @@ impl PgStore {
 /// The writes, in sqlx transactions; rows are locked job row first, then its
 /// chunks (in id order when several jobs), as every writer here does.
 impl PgStore {
-    pub async fn insert_job(&self, job: &NewJob<'_>) -> StoreResult<Inserted> {
+    /// Claims nothing: a claim here is transactions of its own (see `claim`),
+    /// which the claim loop, woken by the insert's notification, makes anyway.
+    pub async fn insert_job(&self, job: &NewJob<'_>) -> StoreResult<(Inserted, Option<Vec<Claim>>)> {
         let spec = job.spec;
         let echo = serde_json::to_string(&spec.echo()).expect("the echo serialises");
         let range = match &spec.input {
@@ -208,10 +210,11 @@ impl PgStore {
                 sqlx::query(q::IDEMPOTENCY_GET).bind(&key.key).bind(job.created_at).fetch_optional(&mut *tx).await?;
             if let Some(known) = known {
                 let hash: String = known.get("body_hash");
-                return Ok(match hash == key.body_hash {
+                let known = match hash == key.body_hash {
                     true => Inserted::Existing(parse_uuid(known.get("job_id"))?),
                     false => Inserted::KeyReused,
-                });
+                };
+                return Ok((known, None));
             }
             sqlx::query(q::IDEMPOTENCY_PUT)
                 .bind(&key.key)
@@ -224,7 +227,7 @@ impl PgStore {
         if let Some(max) = job.max_queued {
             let queued: i64 = sqlx::query_scalar(q::QUEUED_COUNT).fetch_one(&mut *tx).await?;
             if queued as u64 >= max {
-                return Ok(Inserted::QueueFull);
+                return Ok((Inserted::QueueFull, None));
             }
         }
         sqlx::query(q::INSERT_JOB)
@@ -274,7 +277,7 @@ impl PgStore {
         }
         notify(&mut tx, WORK_CHANNEL, "").await?;
         tx.commit().await?;
-        Ok(Inserted::New)
+        Ok((Inserted::New, None))
     }
 
     pub async fn claim_webhooks(&self, now: i64, limit: u32, lease: i64) -> StoreResult<Vec<(Uuid, String, u32)>> {

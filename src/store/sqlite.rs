@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use super::sql::*;
 use super::sqlite_readers::Readers;
-use super::sqlite_writer::{stmt, Writer};
+use super::sqlite_writer::{in_savepoint, stmt, Writer};
 use super::*;
 use crate::domain::{now_micros, Input, Problem, Progress, SEGMENT_LEN};
 use crate::exec::le_bytes;
@@ -268,8 +268,9 @@ fn done_chunks(c: &Connection, id: &str) -> StoreResult<Vec<DoneChunk>> {
 /// The writes, each one closure on the writer thread (see `sqlite_writer`):
 /// arguments are copied in, and nothing else runs between its statements.
 impl SqliteStore {
-    pub async fn insert_job(&self, job: &NewJob<'_>) -> StoreResult<Inserted> {
+    pub async fn insert_job(&self, job: &NewJob<'_>) -> StoreResult<(Inserted, Option<Vec<Claim>>)> {
         let spec = job.spec;
+        let ask = job.claim.map(|(next, lanes)| (next.node.to_string(), next.lease_until, lanes));
         let range = match &spec.input {
             Input::Range(r) => Some(*r),
             Input::List(_) => None,
@@ -306,16 +307,17 @@ impl SqliteStore {
                         .query_row(params![key, created_at], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
                         .optional()?;
                     if let Some((hash, job_id)) = known {
-                        return Ok(match &hash == body_hash {
+                        let known = match &hash == body_hash {
                             true => Inserted::Existing(parse_uuid(&job_id)?),
                             false => Inserted::KeyReused,
-                        });
+                        };
+                        return Ok((known, None));
                     }
                 }
                 if let Some(max) = max_queued {
                     let queued: i64 = stmt(c, q::QUEUED_COUNT)?.query_row([], |r| r.get(0))?;
                     if queued as u64 >= max {
-                        return Ok(Inserted::QueueFull);
+                        return Ok((Inserted::QueueFull, None));
                     }
                 }
                 if let Some((key, body_hash, expires_at)) = idempotency {
@@ -353,7 +355,13 @@ impl SqliteStore {
                 for chunk in &chunks {
                     insert.execute(params![id, chunk.index as i64, chunk.offset as i64, chunk.len as i64])?;
                 }
-                Ok(Inserted::New)
+                // A claim that fails leaves the job stored: the claim loop tries again.
+                let claimed = ask.and_then(|(node, lease_until, lanes)| {
+                    in_savepoint(c, |c| claim(c, &node, lanes, lease_until))
+                        .inspect_err(|e| tracing::warn!(error = %e, "claiming work with a submission failed"))
+                        .ok()
+                });
+                Ok((Inserted::New, claimed))
             })
             .await
     }

@@ -189,7 +189,8 @@ fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> StoreResult<()> {
 }
 
 /// Runs one write in a savepoint: kept on success, undone on error or panic.
-fn in_savepoint<T>(conn: &Connection, write: impl FnOnce(&Connection) -> StoreResult<T>) -> StoreResult<T> {
+/// Savepoints nest: a part of a write that may fail alone runs in its own.
+pub(super) fn in_savepoint<T>(conn: &Connection, write: impl FnOnce(&Connection) -> StoreResult<T>) -> StoreResult<T> {
     exec_cached(conn, "SAVEPOINT write")?;
     let result = catch_unwind(AssertUnwindSafe(|| write(conn)))
         .unwrap_or_else(|_| Err(StoreError::Thread("a write panicked; it was rolled back".into())));

@@ -81,15 +81,7 @@ async fn canceling_a_threads_job_stops_it_at_the_next_item(backend: Backend) {
     assert!(started.elapsed() < Duration::from_secs(2), "cancel waited for the whole job: {:?}", started.elapsed());
     // Its lanes have stopped; each returns its core once its own claim for
     // more work (one store round trip) finds none.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let metrics = server.client.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
-        if metrics.contains("squared_cores_in_use 0") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the canceled job's cores were not returned: {metrics}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    server.wait_cores_free(5, "the canceled job's cores were not returned").await;
 }
 
 async fn a_job_over_its_timeout_fails_with_the_timeout_problem_and_no_workers_left(backend: Backend) {

@@ -256,6 +256,20 @@ impl TestServer {
         }
     }
 
+    /// Waits (up to `secs`) until every core of the node is free again
+    /// (`squared_cores_in_use 0`); panics with `what` if one never comes back.
+    pub async fn wait_cores_free(&self, secs: u64, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let metrics = self.client.get(self.url("/metrics")).send().await.unwrap().text().await.unwrap();
+            if metrics.contains("squared_cores_in_use 0") {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what}: {metrics}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Waits for success and returns the whole result.
     pub async fn squares(&self, id: &str) -> Vec<i64> {
         let doc = self.wait_end(id, 120).await;

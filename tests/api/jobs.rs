@@ -120,17 +120,29 @@ async fn the_job_document_reports_timing_per_chunk_and_worker(backend: Backend) 
 async fn three_hundred_concurrent_tiny_jobs_all_succeed(backend: Backend) {
     let server = TestServer::start(backend).await;
     let server = &server;
-    let jobs = (0..300).map(|i| async move {
-        let strategy = ["sequential", "threads", "processes"][i % 3];
-        let numbers = [i as i64, -(i as i64) - 1, 3];
-        let id = server.submit(&json!({"numbers": numbers, "strategy": strategy, "cores": 2})).await;
-        (id, squares_of(&numbers))
+    // Submissions, the claim loop and lanes all take free cores (a submission
+    // claims work in its own write): none may claim a chunk without a core.
+    // Ten clients submit thirty jobs each, one after another, so that cores
+    // keep coming free while submissions arrive.
+    let clients = (0..10).map(|c| async move {
+        let mut submitted = Vec::new();
+        for i in (c..300).step_by(10) {
+            let strategy = ["sequential", "threads", "processes"][i % 3];
+            let numbers = [i as i64, -(i as i64) - 1, 3];
+            let id = server.submit(&json!({"numbers": numbers, "strategy": strategy, "cores": 1 + i % 2})).await;
+            submitted.push((id, squares_of(&numbers)));
+        }
+        submitted
     });
-    let submitted = futures_util::future::join_all(jobs).await;
+    let submitted: Vec<_> = futures_util::future::join_all(clients).await.into_iter().flatten().collect();
+    assert_eq!(submitted.len(), 300);
     let checks = submitted.iter().map(|(id, want)| async move {
         assert_eq!(&server.squares(id).await, want, "job {id}");
     });
     futures_util::future::join_all(checks).await;
+    server.wait_cores_free(5, "the cores did not all come back once the jobs ended").await;
+    let log = server.log();
+    assert!(!log.contains("ERROR"), "errors in the server log: {log}");
 }
 
 async fn a_long_poll_answers_as_soon_as_the_job_ends(backend: Backend) {
