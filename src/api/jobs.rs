@@ -168,15 +168,21 @@ pub async fn submit_job(State(app): State<AppState>, headers: HeaderMap, body: B
                 request_id,
                 claim: reserved.as_ref().map(|r| (app.scheduler.next_claim(), r.lanes())),
             };
-            let inserted = app.store.insert_job(&new_job).await.map(|(inserted, claimed)| {
-                if inserted == Inserted::New {
-                    app.metrics.jobs_submitted.get_or_create(&Metrics::strategy(spec.strategy.as_str())).inc();
-                    let (count, strategy, cores) = (spec.count, spec.strategy.as_str(), spec.cores);
-                    tracing::info!(job = %id, count, strategy, cores, "job accepted");
-                    app.scheduler.submitted(reserved, claimed);
-                }
-                inserted
-            });
+            let (inserted, claimed) = match app.store.insert_job(&new_job).await {
+                Ok((inserted, claimed)) => (Ok(inserted), claimed),
+                Err(e) => (Err(e), None),
+            };
+            let new = matches!(inserted, Ok(Inserted::New));
+            if new {
+                app.metrics.jobs_submitted.get_or_create(&Metrics::strategy(spec.strategy.as_str())).inc();
+                let (count, strategy, cores) = (spec.count, spec.strategy.as_str(), spec.cores);
+                tracing::info!(job = %id, count, strategy, cores, "job accepted");
+            }
+            // Cores held for a refused or failed write go back with a wake-up:
+            // the claim loop may have found none free meanwhile.
+            if new || reserved.is_some() {
+                app.scheduler.submitted(reserved, claimed);
+            }
             (inserted, spec, chunks)
         }
     };
