@@ -24,7 +24,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::runtime::Handle;
@@ -153,10 +153,34 @@ impl JobControl {
         self.pids.lock().unwrap_or_else(|p| p.into_inner()).retain(|p| *p != pid);
     }
 
+    /// Hands a warm worker of this job over to another: unregisters it and
+    /// says whether it is safe to use (false once this job is stopping: its
+    /// abort may have killed the worker). Under the lock, so an abort either
+    /// sees the worker registered (and kills it) or not at all.
+    fn hand_over(&self, pid: u32) -> bool {
+        let mut pids = self.pids.lock().unwrap_or_else(|p| p.into_inner());
+        pids.retain(|p| *p != pid);
+        !self.stopped()
+    }
+
     /// Resolves once the job has no lane left on this node.
     pub async fn finished(&self) {
         let mut done = self.done.subscribe();
         let _ = done.wait_for(|d| *d).await;
+    }
+}
+
+/// A warm worker in the pool: since when, the job it served, the worker.
+type Warm = (Instant, Weak<LocalJob>, Box<dyn Lane>);
+
+/// Drops pooled workers (each waits for its process to exit), unregistering
+/// each from the job it served first, so no abort can reach a reaped pid.
+fn drop_warm(warm: Vec<Warm>) {
+    for (_, served, lane) in warm {
+        if let (Some(job), Some(pid)) = (served.upgrade(), lane.pid()) {
+            job.control.unregister(pid);
+        }
+        drop(lane);
     }
 }
 
@@ -204,8 +228,10 @@ pub struct Scheduler {
     /// Jobs with lanes on this node.
     running: Mutex<HashMap<Uuid, Arc<LocalJob>>>,
     /// Idle worker processes kept warm for the next job (at most one per
-    /// core), with when each went idle; they exit after `POOL_IDLE`.
-    pool: Mutex<Vec<(Instant, Box<dyn Lane>)>>,
+    /// core), with when each went idle and the job it last served: it stays
+    /// registered with that job, so canceling the job kills it too. They
+    /// exit after `POOL_IDLE`.
+    pool: Mutex<Vec<Warm>>,
     /// Lane threads between lanes.
     threads: Arc<LaneThreads>,
     runtime: Handle,
@@ -489,16 +515,16 @@ impl Scheduler {
                 _ = tokio::time::sleep(POOL_IDLE / 4) => false,
                 _ = stop.wait_for(|s| *s) => true,
             };
-            let expired: Vec<Box<dyn Lane>> = {
+            let expired: Vec<Warm> = {
                 let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
                 let (old, keep): (Vec<_>, Vec<_>) =
-                    pool.drain(..).partition(|(idle_since, _)| stopping || idle_since.elapsed() >= POOL_IDLE);
+                    pool.drain(..).partition(|(idle_since, _, _)| stopping || idle_since.elapsed() >= POOL_IDLE);
                 *pool = keep;
-                old.into_iter().map(|(_, lane)| lane).collect()
+                old
             };
             if !expired.is_empty() {
                 // Dropping a worker waits for it to exit: not on an async thread.
-                let _ = tokio::task::spawn_blocking(move || drop(expired)).await;
+                let _ = tokio::task::spawn_blocking(move || drop_warm(expired)).await;
             }
             if stopping {
                 return;
@@ -529,9 +555,8 @@ impl Scheduler {
                 }
             }
         }
-        let idle: Vec<(Instant, Box<dyn Lane>)> =
-            self.pool.lock().unwrap_or_else(|p| p.into_inner()).drain(..).collect();
-        let _ = tokio::task::spawn_blocking(move || drop(idle)).await;
+        let idle: Vec<Warm> = self.pool.lock().unwrap_or_else(|p| p.into_inner()).drain(..).collect();
+        let _ = tokio::task::spawn_blocking(move || drop_warm(idle)).await;
         match self.store.release_chunks(Some(&self.config.node)).await {
             Ok(0) => {}
             Ok(n) => info!(chunks = n, "released this node's unfinished chunks; their jobs are re-queued"),
@@ -811,7 +836,7 @@ fn problem_for(e: &ExecError) -> Problem {
 /// One lane's run over one job's chunks.
 struct LaneRun<'a> {
     s: &'a Scheduler,
-    local: &'a LocalJob,
+    local: &'a Arc<LocalJob>,
 }
 
 impl LaneRun<'_> {
@@ -854,13 +879,18 @@ impl LaneRun<'_> {
     fn start_worker(&self, index: usize) -> Result<(Box<dyn Lane>, Duration), ExecError> {
         let kind = self.kind();
         if kind == LaneKind::Process {
-            while let Some((_, mut warm)) = self.s.pool.lock().unwrap_or_else(|p| p.into_inner()).pop() {
-                if warm.is_reusable() {
+            while let Some((_, served, mut warm)) = self.s.pool.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+                let safe = match (served.upgrade(), warm.pid()) {
+                    (Some(job), Some(pid)) => job.control.hand_over(pid),
+                    _ => true, // the job it served is gone: nothing can abort it
+                };
+                if safe && warm.is_reusable() {
                     if let Some(pid) = warm.pid() {
                         self.control().register(pid);
                     }
                     return Ok((warm, Duration::ZERO));
                 }
+                drop_warm(vec![(Instant::now(), Weak::new(), warm)]);
             }
         }
         let lane = exec::start_lane(kind, index, &self.s.config.worker)?;
@@ -873,17 +903,19 @@ impl LaneRun<'_> {
     }
 
     /// Done with a worker: a healthy process goes back to the pool (while
-    /// it has room), anything else is stopped and reaped.
+    /// it has room), still registered with this job, whose abort (a cancel
+    /// that lands just after the lane let go) kills it like the others;
+    /// anything else is stopped and reaped.
     fn retire(&self, mut lane: Box<dyn Lane>) {
         if let Some(pid) = lane.pid() {
-            self.control().unregister(pid);
             if !self.control().stopped() && lane.is_reusable() {
                 let mut pool = self.s.pool.lock().unwrap_or_else(|p| p.into_inner());
                 if pool.len() < self.s.config.cores as usize {
-                    pool.push((Instant::now(), lane));
+                    pool.push((Instant::now(), Arc::downgrade(self.local), lane));
                     return;
                 }
             }
+            self.control().unregister(pid);
         }
         drop(lane); // reaps a worker process
     }
