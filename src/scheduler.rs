@@ -23,8 +23,8 @@
 //! next item and worker processes are killed at once.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::runtime::Handle;
@@ -725,8 +725,8 @@ type LaneTask = Box<dyn FnOnce() + Send>;
 struct LaneThreads {
     keep: Duration,
     /// Idle threads, each with its own task channel and an id.
-    idle: Mutex<Vec<(u64, std::sync::mpsc::Sender<LaneTask>)>>,
-    next_id: std::sync::atomic::AtomicU64,
+    idle: Mutex<Vec<(u64, mpsc::Sender<LaneTask>)>>,
+    next_id: AtomicU64,
 }
 
 impl LaneThreads {
@@ -741,10 +741,10 @@ impl LaneThreads {
             let Some((_, thread)) = idle else { break };
             match thread.send(task) {
                 Ok(()) => return Ok(()),
-                Err(std::sync::mpsc::SendError(back)) => task = back, // it exited: try the next
+                Err(mpsc::SendError(back)) => task = back, // it exited: try the next
             }
         }
-        let (tasks, inbox) = std::sync::mpsc::channel::<LaneTask>();
+        let (tasks, inbox) = mpsc::channel::<LaneTask>();
         let (this, id) = (self.clone(), self.next_id.fetch_add(1, Ordering::Relaxed));
         std::thread::Builder::new().name("squared-lane".into()).spawn(move || {
             let mut next = Some(task);
@@ -890,7 +890,6 @@ impl LaneRun<'_> {
                     }
                     return Ok((warm, Duration::ZERO));
                 }
-                drop_warm(vec![(Instant::now(), Weak::new(), warm)]);
             }
         }
         let lane = exec::start_lane(kind, index, &self.s.config.worker)?;
