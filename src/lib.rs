@@ -18,8 +18,8 @@
 //!   job statuses and the job document clients see.
 //! - [`store`]: durable state: jobs, their inputs, chunks, result segments,
 //!   webhooks and comparisons; one text of SQL for SQLite and PostgreSQL
-//!   (SQLite's writes group-committed on one writer thread); the only module
-//!   that writes SQL.
+//!   (SQLite's writes group-committed on one writer thread, big jobs' squares
+//!   in a file per job beside the database); the only module that writes SQL.
 //! - [`scheduler`]: claims chunks within the node's core budget (leases,
 //!   heartbeats, rescue of a dead node's chunks), runs them on lanes, keeps a
 //!   warm pool of worker processes, and aborts jobs on cancel, timeout or shutdown.

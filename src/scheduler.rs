@@ -36,7 +36,9 @@ use crate::domain::{now_micros, ChunkPlan, JobStatus, Problem, Strategy, Transpo
 use crate::events::{Events, JobEvent};
 use crate::exec::{self, ChunkWork, ExecError, Inputs, Lane, LaneKind, Sink, WorkerCommand};
 use crate::metrics::{FinishedLabels, Metrics};
-use crate::store::{ChunkRecord, Claim, ClaimedJob, Completion, Completions, NextClaim, RanChunk, Store, StoreResult};
+use crate::store::{
+    ChunkRecord, Claim, ClaimedJob, Completion, Completions, NextClaim, RanChunk, ResultFile, Store, StoreResult,
+};
 
 /// The fallback poll, for work that arrived without a wake-up.
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -978,6 +980,15 @@ impl LaneRun<'_> {
         };
         let cached = self.local.input.clone().map(|numbers| (0, numbers));
         let mut inputs = StoreInputs { s, control: self.control(), job: job.id, cached };
+        // A big job on SQLite: the lane writes its squares into the job's file itself.
+        let file = match s.store.result_file(job.id, job.count) {
+            Ok(file) => file,
+            Err(e) => {
+                self.retire(worker);
+                self.fail(&ExecError::Store(e.to_string()));
+                return Ran::Stopped;
+            }
+        };
         let strategy = Metrics::strategy(job.strategy.as_str());
         let mut claimed = None;
         loop {
@@ -988,6 +999,7 @@ impl LaneRun<'_> {
                 control: self.control(),
                 job: job.id,
                 chunk: chunk.index,
+                file: file.as_ref(),
                 spent: Duration::ZERO,
                 held: None,
             };
@@ -999,7 +1011,13 @@ impl LaneRun<'_> {
                 transport: job.transport.unwrap_or(Transport::SharedMemory),
             };
             let outcome = match worker.run_chunk(&work, &mut inputs, &mut sink, &self.control().stop) {
-                Ok(outcome) => outcome,
+                Ok(outcome) => match sink.sync() {
+                    Ok(()) => outcome,
+                    Err(e) => {
+                        self.fail(&e);
+                        break;
+                    }
+                },
                 Err(_) if self.control().reason().is_some() => break,
                 Err(ExecError::Canceled) => break, // the job ended or the chunk is no longer ours
                 Err(e @ ExecError::WorkerCrashed(_)) => {
@@ -1088,20 +1106,32 @@ enum Ran {
     Deferred(RanChunk),
 }
 
-/// Stores each segment as a lane produces it, timing the writes. The newest
-/// segment is held back: if it is the chunk's last, it is stored in the same
-/// transaction that marks the chunk done (a one-segment chunk — every tiny
-/// job — costs one write transaction instead of two).
+/// Stores each segment as a lane produces it, timing the writes. Into the
+/// job's result file when it has one (made durable by [`StoreSink::sync`]
+/// before the chunk is completed); otherwise the newest segment is held
+/// back: if it is the chunk's last, it is stored in the same transaction that
+/// marks the chunk done (a one-segment chunk — every tiny job — costs one
+/// write transaction instead of two).
 struct StoreSink<'a> {
     s: &'a Scheduler,
     control: &'a JobControl,
     job: Uuid,
     chunk: u32,
+    file: Option<&'a ResultFile>,
     spent: Duration,
     held: Option<(u64, Vec<i64>)>,
 }
 
 impl StoreSink<'_> {
+    /// Makes the squares written to the result file durable.
+    fn sync(&mut self) -> Result<(), ExecError> {
+        let Some(file) = self.file else { return Ok(()) };
+        let t = Instant::now();
+        let synced = file.sync();
+        self.spent += t.elapsed();
+        synced.map_err(|e| ExecError::Store(format!("result file: {e}")))
+    }
+
     fn write(&mut self, offset: u64, squares: &[i64]) -> Result<(), ExecError> {
         let t = Instant::now();
         let s = self.s;
@@ -1119,6 +1149,12 @@ impl StoreSink<'_> {
 
 impl Sink for StoreSink<'_> {
     fn segment(&mut self, offset: u64, squares: &[i64]) -> Result<(), ExecError> {
+        if let Some(file) = self.file {
+            let t = Instant::now();
+            let written = file.write(offset, squares);
+            self.spent += t.elapsed();
+            return written.map_err(|e| ExecError::Store(format!("result file: {e}")));
+        }
         let mut buf = match self.held.take() {
             Some((pos, held)) => {
                 self.write(pos, &held)?;

@@ -13,9 +13,12 @@
 //! default; writes run on one thread in batched transactions, see
 //! [`sqlite_writer`], reads on a few threads of their own, see
 //! [`sqlite_readers`]) and PostgreSQL (several nodes on one database, claiming
-//! with `FOR UPDATE SKIP LOCKED`, woken by LISTEN/NOTIFY).
+//! with `FOR UPDATE SKIP LOCKED`, woken by LISTEN/NOTIFY). On SQLite, the
+//! squares of a job bigger than one segment live in a file of their own
+//! beside the database ([`result_files`]).
 
 mod postgres;
+mod result_files;
 mod sql;
 mod sqlite;
 mod sqlite_readers;
@@ -31,6 +34,7 @@ use crate::domain::{
 };
 
 pub use postgres::PgStore;
+pub use result_files::ResultFile;
 use sql::Release;
 pub use sql::{JOBS_CHANNEL, WORK_CHANNEL};
 pub use sqlite::SqliteStore;
@@ -48,6 +52,8 @@ pub enum StoreError {
     Overloaded(String),
     #[error("migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("result file: {0}")]
+    File(#[from] std::io::Error),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     #[error("unsupported database URL {0:?}: use sqlite://PATH or postgres://…")]
@@ -308,6 +314,17 @@ impl Store {
     /// same transaction; PostgreSQL leaves it to the claim loop).
     pub fn claims_with_insert(&self) -> bool {
         matches!(self, Store::Sqlite(_))
+    }
+
+    /// Where a lane writes job `id`'s squares itself, when the job has a
+    /// result file (SQLite, more than one segment: see [`result_files`]);
+    /// `None` when they go through `put_segment`/`complete_chunk`. A chunk
+    /// written there must be `sync`ed before it is completed.
+    pub fn result_file(&self, id: Uuid, count: u64) -> StoreResult<Option<ResultFile>> {
+        match self {
+            Store::Sqlite(s) if result_files::in_file(count) => s.result_file(id),
+            _ => Ok(None),
+        }
     }
 }
 

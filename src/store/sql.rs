@@ -216,6 +216,11 @@ pub(super) mod q {
         "UPDATE jobs SET attempts = $2, attempt_errors = $3, version = version + 1 WHERE id = $1";
     pub const PURGE_JOBS: &str = "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE finished_at IS NOT NULL \
          AND finished_at < $1 AND status IN ('succeeded', 'failed', 'canceled') ORDER BY finished_at LIMIT $2)";
+    /// Of the jobs [`PURGE_JOBS`] deletes, those bigger than `$3` numbers
+    /// (SQLite: those with a result file).
+    pub const PURGEABLE_WITH_FILES: &str = "SELECT id FROM (SELECT id, count FROM jobs \
+         WHERE finished_at IS NOT NULL AND finished_at < $1 AND status IN ('succeeded', 'failed', 'canceled') \
+         ORDER BY finished_at LIMIT $2) WHERE count > $3";
     pub const PURGE_KEYS: &str = "DELETE FROM idempotency_keys WHERE key IN \
          (SELECT key FROM idempotency_keys WHERE expires_at <= $1 LIMIT $2)";
     /// Comparisons older than the cutoff none of whose jobs is left (their

@@ -2,7 +2,8 @@
 //! that commits them in batches ([`sqlite_writer`](super::sqlite_writer));
 //! reads go to reader threads with read-only connections that never wait for
 //! it ([`sqlite_readers`](super::sqlite_readers)). sqlx only applies the
-//! migrations.
+//! migrations. Big jobs' squares go to files beside the database
+//! ([`result_files`](super::result_files)).
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -12,6 +13,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{ConnectOptions, Connection as _};
 use uuid::Uuid;
 
+use super::result_files::{self, ResultFiles};
 use super::sql::*;
 use super::sqlite_readers::Readers;
 use super::sqlite_writer::{in_savepoint, stmt, Writer};
@@ -24,6 +26,7 @@ use crate::exec::le_bytes;
 pub struct SqliteStore {
     writer: Writer,
     readers: Readers,
+    files: ResultFiles,
 }
 
 impl SqliteStore {
@@ -39,7 +42,57 @@ impl SqliteStore {
         sqlx::migrate!("migrations/sqlite").run(&mut migrator).await?;
         migrator.close().await?;
         let path = options.get_filename();
-        Ok(SqliteStore { writer: Writer::start(path)?, readers: Readers::start(path, readers)? })
+        let files = ResultFiles::open(path)?;
+        let store = SqliteStore { writer: Writer::start(path)?, readers: Readers::start(path, readers)?, files };
+        store.sweep_result_files().await?;
+        Ok(store)
+    }
+
+    /// Removes the result files of jobs that are gone or ended without
+    /// success: left by a crash between such a job's last write and the
+    /// removal that follows it.
+    async fn sweep_result_files(&self) -> StoreResult<()> {
+        let files = self.files.clone();
+        let orphans = self
+            .readers
+            .read(move |c| {
+                let mut orphans = Vec::new();
+                for id in files.jobs()? {
+                    let status: Option<String> =
+                        stmt(c, q::JOB_STATUS)?.query_row(params![id.to_string()], |r| r.get(0)).optional()?;
+                    let keep = match status {
+                        Some(status) => !matches!(parse_status(&status)?, JobStatus::Failed | JobStatus::Canceled),
+                        None => false,
+                    };
+                    if !keep {
+                        orphans.push(id);
+                    }
+                }
+                Ok(orphans)
+            })
+            .await?;
+        if !orphans.is_empty() {
+            tracing::info!(files = orphans.len(), "removing result files of jobs that are gone");
+        }
+        self.remove_result_files(orphans).await;
+        Ok(())
+    }
+
+    /// Removes the result files of `jobs` (those that have one), on a blocking thread.
+    async fn remove_result_files(&self, jobs: Vec<Uuid>) {
+        if jobs.is_empty() {
+            return;
+        }
+        let files = self.files.clone();
+        let removed = tokio::task::spawn_blocking(move || jobs.into_iter().for_each(|id| files.remove(id))).await;
+        if let Err(e) = removed {
+            tracing::warn!(error = %e, "removing result files failed");
+        }
+    }
+
+    /// Job `id`'s result file, open for writing, if it has one.
+    pub fn result_file(&self, id: Uuid) -> StoreResult<Option<ResultFile>> {
+        Ok(self.files.writer(id)?)
     }
 }
 
@@ -155,8 +208,15 @@ impl SqliteStore {
         max_numbers: u64,
     ) -> StoreResult<Vec<Segment>> {
         let to = to.min(from.saturating_add(max_numbers));
+        let files = self.files.clone();
         self.readers
             .read(move |c| {
+                if from >= to {
+                    return Ok(Vec::new());
+                }
+                if let Some(segment) = files.read(id, from, to)? {
+                    return Ok(vec![segment]);
+                }
                 let args = params![id.to_string(), from as i64, to as i64, i64::from(max_rows)];
                 let rows = stmt(c, q::RESULT_SEGMENTS)?
                     .query_map(args, |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
@@ -279,7 +339,7 @@ impl SqliteStore {
             Input::List(numbers) => numbers.chunks(SEGMENT_LEN as usize).map(|s| le_bytes(s).into_owned()).collect(),
             Input::Range(_) => Vec::new(),
         };
-        let id = job.id.to_string();
+        let (id, uuid, files) = (job.id.to_string(), job.id, self.files.clone());
         let idempotency = job.idempotency.as_ref().map(|k| (k.key.clone(), k.body_hash.clone(), k.expires_at));
         let (created_at, max_queued, chunks) = (job.created_at, job.max_queued, job.chunks.to_vec());
         let row = (
@@ -354,6 +414,9 @@ impl SqliteStore {
                 let mut insert = stmt(c, q::INSERT_CHUNK)?;
                 for chunk in &chunks {
                     insert.execute(params![id, chunk.index as i64, chunk.offset as i64, chunk.len as i64])?;
+                }
+                if result_files::in_file(count as u64) {
+                    files.create(uuid, count as u64)?;
                 }
                 // A claim that fails leaves the job stored: the claim loop tries again.
                 let claimed = ask.and_then(|(node, lease_until, lanes)| {
@@ -529,13 +592,21 @@ impl SqliteStore {
     }
 
     pub async fn fail_job(&self, id: Uuid, problem: &Problem, now: i64) -> StoreResult<bool> {
-        let (id, problem) = (id.to_string(), problem.clone());
-        self.writer.write(move |c| Ok(finish(c, &id, JobStatus::Failed, Some(&problem), now)?.is_some())).await
+        let (job, problem) = (id, problem.clone());
+        let id = id.to_string();
+        let failed =
+            self.writer.write(move |c| Ok(finish(c, &id, JobStatus::Failed, Some(&problem), now)?.is_some())).await?;
+        if failed {
+            self.remove_result_files(vec![job]).await;
+        }
+        Ok(failed)
     }
 
     pub async fn cancel_job(&self, id: Uuid, now: i64, problem: &Problem) -> StoreResult<Canceled> {
-        let (id, problem) = (id.to_string(), problem.clone());
-        self.writer
+        let (job, problem) = (id, problem.clone());
+        let id = id.to_string();
+        let canceled = self
+            .writer
             .write(move |c| {
                 let row = stmt(c, q::JOB_STATUS_STRATEGY)?
                     .query_row(params![id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
@@ -548,7 +619,11 @@ impl SqliteStore {
                 finish(c, &id, JobStatus::Canceled, Some(&problem), now)?;
                 Ok(Canceled::Now { was_running: status == JobStatus::Running, strategy })
             })
-            .await
+            .await?;
+        if let Canceled::Now { .. } = canceled {
+            self.remove_result_files(vec![job]).await;
+        }
+        Ok(canceled)
     }
 
     pub async fn record_attempt_error(&self, id: Uuid, error: &Problem, now: i64) -> StoreResult<Option<u32>> {
@@ -571,14 +646,21 @@ impl SqliteStore {
     }
 
     pub async fn purge_finished(&self, cutoff: i64, now: i64, batch: u32) -> StoreResult<u64> {
-        self.writer
+        let (deleted, with_files) = self
+            .writer
             .write(move |c| {
+                let with_files = stmt(c, q::PURGEABLE_WITH_FILES)?
+                    .query_map(params![cutoff, batch as i64, SEGMENT_LEN as i64], |r| r.get::<_, String>(0))?
+                    .map(|id| parse_uuid(&id?))
+                    .collect::<StoreResult<Vec<_>>>()?;
                 let deleted = stmt(c, q::PURGE_JOBS)?.execute(params![cutoff, batch as i64])?;
                 stmt(c, q::PURGE_KEYS)?.execute(params![now, batch as i64])?;
                 stmt(c, q::PURGE_COMPARISONS)?.execute(params![cutoff, batch as i64])?;
-                Ok(deleted as u64)
+                Ok((deleted as u64, with_files))
             })
-            .await
+            .await?;
+        self.remove_result_files(with_files).await;
+        Ok(deleted)
     }
 
     pub async fn insert_comparison(&self, comparison: &StoredComparison) -> StoreResult<()> {
@@ -597,8 +679,10 @@ impl SqliteStore {
     }
 
     pub async fn delete_job(&self, id: Uuid) -> StoreResult<Deleted> {
+        let job = id;
         let id = id.to_string();
-        self.writer
+        let deleted = self
+            .writer
             .write(move |c| {
                 let status: Option<String> = stmt(c, q::JOB_STATUS)?.query_row(params![id], |r| r.get(0)).optional()?;
                 let Some(status) = status else { return Ok(Deleted::NotFound) };
@@ -609,7 +693,11 @@ impl SqliteStore {
                 stmt(c, q::DELETE_JOB)?.execute(params![id])?;
                 Ok(Deleted::Yes)
             })
-            .await
+            .await?;
+        if deleted == Deleted::Yes {
+            self.remove_result_files(vec![job]).await;
+        }
+        Ok(deleted)
     }
 }
 

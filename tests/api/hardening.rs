@@ -259,14 +259,7 @@ async fn retention_deletes_finished_jobs_and_their_results(backend: Backend) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(server.get_json(&comparison).await.1["status"], "succeeded");
-    server.terminate();
-    server.add_args(&["--retention", "1ms"]);
-    server.restart();
-    assert!(
-        eventually(10, || std::fs::read_to_string(server.log_path()).unwrap().contains("retention deleted")).await,
-        "{}",
-        server.log()
-    );
+    restart_with_retention_of_1ms(&mut server).await;
     assert_eq!(server.get_json(&format!("/v1/jobs/{id}")).await.0, 404);
     assert_eq!(server.get_json(&comparison).await.0, 404, "the comparison goes with its jobs");
 }

@@ -144,6 +144,19 @@ impl TestServer {
         }
     }
 
+    /// The directory of a SQLite server's result files (big jobs' squares).
+    pub fn result_files_dir(&self) -> PathBuf {
+        self.dir.join("squared.db-results")
+    }
+
+    /// The names in [`TestServer::result_files_dir`], sorted (none when it is missing).
+    pub fn result_files(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(self.result_files_dir()) else { return Vec::new() };
+        let mut names: Vec<String> = entries.map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        names
+    }
+
     /// Whether the server process is still running.
     pub fn is_running(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
@@ -302,6 +315,18 @@ impl Drop for TestServer {
 }
 
 /// Sends a signal to a process.
+/// Restarts the server with `--retention 1ms` and waits until its first purge deleted something.
+pub async fn restart_with_retention_of_1ms(server: &mut TestServer) {
+    server.terminate();
+    server.add_args(&["--retention", "1ms"]);
+    server.restart();
+    assert!(
+        eventually(10, || std::fs::read_to_string(server.log_path()).unwrap().contains("retention deleted")).await,
+        "{}",
+        server.log()
+    );
+}
+
 pub fn kill(pid: u32, sig: i32) {
     // SAFETY: kill(2) has no memory-safety preconditions.
     unsafe { libc::kill(pid as i32, sig) };

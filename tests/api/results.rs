@@ -99,8 +99,105 @@ async fn a_result_before_success_is_a_409_problem(backend: Backend) {
     assert_eq!(server.squares(&id).await, [1, 4]);
 }
 
+/// Waits until the job reports at least `chunks` chunks done.
+async fn wait_chunks(server: &TestServer, id: &str, chunks: u64) {
+    for _ in 0..1500 {
+        if server.job(id).await["progress"]["chunks_done"].as_u64().unwrap() >= chunks {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("job {id} made no progress");
+}
+
+/// Checks a whole range job's result against its squares.
+async fn assert_range_squares(server: &TestServer, id: &str, n: i64) {
+    let (status, doc) = server.get_json(&format!("/v1/jobs/{id}/result")).await;
+    assert_eq!(status, 200, "{doc}");
+    let squares = doc["squares"].as_array().unwrap();
+    assert_eq!(squares.len() as i64, n);
+    for (i, s) in squares.iter().enumerate() {
+        assert_eq!(s.as_i64(), Some(i as i64 * i as i64), "position {i}");
+    }
+}
+
+/// On SQLite a job of more than one segment (65,536 numbers) keeps its
+/// squares in a file beside the database: written by the lanes, kept through
+/// `kill -9`, gone with a canceled, deleted or purged job. PostgreSQL stores
+/// them as rows: the same API behaviour, no files.
+async fn a_big_jobs_squares_survive_kill_9_and_go_with_the_job(backend: Backend) {
+    let mut server = TestServer::start(backend).await;
+    let files = |server: &TestServer| match backend {
+        Backend::Sqlite => server.result_files(),
+        Backend::Postgres => Vec::new(),
+    };
+    let expect = |ids: &[&str]| match backend {
+        Backend::Sqlite => {
+            let mut ids: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+            ids.sort();
+            ids
+        }
+        Backend::Postgres => Vec::new(),
+    };
+    let big = server.submit(&json!({"range": {"start": 0, "end": 300_000}, "cores": 2})).await;
+    let small = server.submit(&json!({"numbers": [3, -4], "cores": 2})).await;
+    assert_eq!(server.squares(&small).await, [9, 16]);
+    assert_eq!(server.wait_end(&big, 60).await["status"], "succeeded");
+    assert_range_squares(&server, &big, 300_000).await;
+    assert_eq!(files(&server), expect(&[&big]), "only the big job has a file");
+    if backend == Backend::Sqlite {
+        let len = std::fs::metadata(server.result_files_dir().join(&big)).unwrap().len();
+        assert_eq!(len, 300_000 * 8, "eight bytes a square");
+    }
+
+    // Canceled while running: its file goes. Forty chunks of 5,000 numbers
+    // spinning 10,000 times each: seconds of work.
+    let slow =
+        |n: i64| json!({"range": {"start": 0, "end": n}, "chunk_size": 5000, "cores": 2, "simulate": {"spin": 10_000}});
+    let canceled = server.submit(&slow(200_000)).await;
+    wait_chunks(&server, &canceled, 2).await;
+    let response = server.client.post(server.url(&format!("/v1/jobs/{canceled}/cancel"))).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(server.wait_end(&canceled, 30).await["status"], "canceled");
+    assert!(eventually(10, || files(&server) == expect(&[&big])).await, "{:?}", files(&server));
+
+    // `kill -9` mid-job: the restart re-runs the unfinished chunks into the same file.
+    let killed = server.submit(&slow(200_000)).await;
+    wait_chunks(&server, &killed, 4).await;
+    let stray = "0196b2a4-0000-7000-8000-000000000000"; // a job id the database does not know
+    if backend == Backend::Sqlite {
+        std::fs::write(server.result_files_dir().join(stray), b"left by a crash").unwrap();
+        std::fs::write(server.result_files_dir().join("notes.txt"), b"not a job's").unwrap();
+    }
+    assert_eq!(server.job(&killed).await["status"], "running", "the job should still be under way at the kill");
+    server.kill9();
+    server.restart();
+    let doc = server.wait_end(&killed, 120).await;
+    assert_eq!(doc["status"], "succeeded", "{doc}");
+    assert_range_squares(&server, &killed, 200_000).await;
+    assert_range_squares(&server, &big, 300_000).await;
+    let mut after_restart = expect(&[&big, &killed]);
+    if backend == Backend::Sqlite {
+        after_restart.push("notes.txt".to_string()); // only job ids are swept
+    }
+    assert_eq!(files(&server), after_restart, "the stray job file is swept at start");
+
+    // Deleted: its file goes.
+    let response = server.client.delete(server.url(&format!("/v1/jobs/{big}"))).send().await.unwrap();
+    assert_eq!(response.status(), 204);
+    assert_eq!(server.get_json(&format!("/v1/jobs/{big}/result")).await.0, 404);
+    assert!(files(&server).iter().all(|f| f != &big), "{:?}", files(&server));
+
+    // Purged by retention: its file goes.
+    restart_with_retention_of_1ms(&mut server).await;
+    assert_eq!(server.get_json(&format!("/v1/jobs/{killed}")).await.0, 404);
+    let left: Vec<String> = files(&server).into_iter().filter(|f| f != "notes.txt").collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 crate::backend_tests!(
     a_million_number_range_streams_back_matching_the_sum_of_squares_formula,
     pages_cut_across_segments_and_chunks_exactly,
     a_result_before_success_is_a_409_problem,
+    a_big_jobs_squares_survive_kill_9_and_go_with_the_job,
 );
