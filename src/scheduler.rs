@@ -981,7 +981,7 @@ impl LaneRun<'_> {
         let cached = self.local.input.clone().map(|numbers| (0, numbers));
         let mut inputs = StoreInputs { s, control: self.control(), job: job.id, cached };
         // A big job on SQLite: the lane writes its squares into the job's file itself.
-        let file = match s.store.result_file(job.id, job.count) {
+        let mut file = match s.store.result_file(job.id, job.count) {
             Ok(file) => file,
             Err(e) => {
                 self.retire(worker);
@@ -999,7 +999,7 @@ impl LaneRun<'_> {
                 control: self.control(),
                 job: job.id,
                 chunk: chunk.index,
-                file: file.as_ref(),
+                file: file.as_mut(),
                 spent: Duration::ZERO,
                 held: None,
             };
@@ -1117,7 +1117,7 @@ struct StoreSink<'a> {
     control: &'a JobControl,
     job: Uuid,
     chunk: u32,
-    file: Option<&'a ResultFile>,
+    file: Option<&'a mut ResultFile>,
     spent: Duration,
     held: Option<(u64, Vec<i64>)>,
 }
@@ -1125,7 +1125,7 @@ struct StoreSink<'a> {
 impl StoreSink<'_> {
     /// Makes the squares written to the result file durable.
     fn sync(&mut self) -> Result<(), ExecError> {
-        let Some(file) = self.file else { return Ok(()) };
+        let Some(file) = self.file.as_mut() else { return Ok(()) };
         let t = Instant::now();
         let synced = file.sync();
         self.spent += t.elapsed();
@@ -1149,7 +1149,7 @@ impl StoreSink<'_> {
 
 impl Sink for StoreSink<'_> {
     fn segment(&mut self, offset: u64, squares: &[i64]) -> Result<(), ExecError> {
-        if let Some(file) = self.file {
+        if let Some(file) = &self.file {
             let t = Instant::now();
             let written = file.write(offset, squares);
             self.spent += t.elapsed();

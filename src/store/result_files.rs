@@ -7,16 +7,17 @@
 //! long per number as a 10^6 one. A job of more than one segment
 //! ([`SEGMENT_LEN`]) therefore gets a file `DB-results/JOB-ID`, created (at its
 //! full size) in the transaction that stores the job; each lane writes its
-//! chunk's squares at their positions and makes them durable (`fdatasync`)
-//! before the transaction that marks the chunk done, so a chunk that is
-//! `done` has its squares on disk even after a power loss. The `results`
+//! chunk's squares at their positions and makes them durable (`fdatasync`,
+//! and the directory entry the first time) before the transaction that marks
+//! the chunk done, so a chunk that is `done` has its squares on disk even
+//! after a power loss; the writer thread itself never waits for the disk here. The `results`
 //! table keeps the squares of smaller jobs (stored with their completion, one
 //! write for many tiny jobs) and those of big jobs stored before this file
 //! existed: a job reads from its file when it has one.
 //!
 //! A job that ends without success, or is deleted, loses its file after the
 //! transaction that says so; files left by a crash between the two are
-//! removed when the store opens ([`ResultFiles::sweep`]).
+//! removed when the store opens (`SqliteStore::sweep_result_files`).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, ErrorKind};
@@ -54,19 +55,18 @@ impl ResultFiles {
         self.dir.join(id.to_string())
     }
 
-    /// Creates job `id`'s file for `count` squares (holes until written) and
-    /// makes its name durable.
+    /// Creates job `id`'s file for `count` squares (holes until written).
+    /// Nothing is synced here: the lanes make the file's name and contents
+    /// durable before they mark a chunk done ([`ResultFile::sync`]).
     pub fn create(&self, id: Uuid, count: u64) -> io::Result<()> {
         let file = OpenOptions::new().write(true).create(true).truncate(false).open(self.path(id))?;
-        file.set_len(count * 8)?;
-        file.sync_all()?;
-        File::open(&self.dir)?.sync_all()
+        file.set_len(count * 8)
     }
 
     /// Job `id`'s file, to write its squares into; `None` if it has none.
     pub fn writer(&self, id: Uuid) -> io::Result<Option<ResultFile>> {
         match OpenOptions::new().write(true).open(self.path(id)) {
-            Ok(file) => Ok(Some(ResultFile { file })),
+            Ok(file) => Ok(Some(ResultFile { file, dir: Some(self.dir.clone()) })),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
@@ -110,6 +110,8 @@ impl ResultFiles {
 #[derive(Debug)]
 pub struct ResultFile {
     file: File,
+    /// The directory, until its entry for this file has been synced.
+    dir: Option<PathBuf>,
 }
 
 impl ResultFile {
@@ -118,9 +120,14 @@ impl ResultFile {
         self.file.write_all_at(&le_bytes(squares), pos * 8)
     }
 
-    /// Makes everything written so far durable.
-    pub fn sync(&self) -> io::Result<()> {
-        self.file.sync_data()
+    /// Makes everything written so far durable, and the file's name the first time.
+    pub fn sync(&mut self) -> io::Result<()> {
+        self.file.sync_data()?;
+        if let Some(dir) = &self.dir {
+            File::open(dir)?.sync_all()?;
+            self.dir = None;
+        }
+        Ok(())
     }
 }
 
@@ -135,7 +142,7 @@ mod tests {
         let id = Uuid::now_v7();
         assert!(files.writer(id).unwrap().is_none());
         files.create(id, 10).unwrap();
-        let file = files.writer(id).unwrap().expect("created");
+        let mut file = files.writer(id).unwrap().expect("created");
         file.write(6, &[36, 49, 64, 81]).unwrap();
         file.write(0, &[0, 1, 4, 9, 16, 25]).unwrap();
         file.sync().unwrap();
