@@ -1200,7 +1200,9 @@ def main():
         "Seed patterns: `chunked_array` writes each square into a locked `multiprocessing.Array('q', N)` as the note does; the parent copies it out with one `result[:]` "
         "(the note's `list(result)` locks per element and is slower, so this favours the seed). `chunked_queue` drains the queue before `join()` "
         "(the note's join-then-drain order deadlocks at 10^6). `pool_map` uses chunksize N/(4·cores). The process-per-number pattern runs only at small N.",
-        "squared's times include HTTP, durable storage of every square in SQLite and the long-poll; the seed's times end with the squares in memory.",
+        "squared's times include HTTP, durable storage of every square (on SQLite: rows in the database for jobs of up to 65,536 numbers, "
+        "a result file synced with `fdatasync` before each chunk is marked done for bigger ones) and the long-poll; "
+        "the seed's times end with the squares in memory.",
     ]
     env = {
         "date": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
