@@ -10,10 +10,11 @@
 //! chunk's squares at their positions and makes them durable (`fdatasync`,
 //! and the directory entry the first time) before the transaction that marks
 //! the chunk done, so a chunk that is `done` has its squares on disk even
-//! after a power loss; the writer thread itself never waits for the disk here. The `results`
-//! table keeps the squares of smaller jobs (stored with their completion, one
-//! write for many tiny jobs) and those of big jobs stored before this file
-//! existed: a job reads from its file when it has one.
+//! after a power loss (the writer thread itself never waits for these
+//! files). The `results` table keeps the squares of smaller jobs (stored with
+//! their completion, one write for many tiny jobs) and those of big jobs
+//! stored before result files existed: a job reads from its file when it has
+//! one.
 //!
 //! A job that ends without success, or is deleted, loses its file after the
 //! transaction that says so; files left by a crash between the two are
