@@ -314,7 +314,6 @@ impl Drop for TestServer {
     }
 }
 
-/// Sends a signal to a process.
 /// Restarts the server with `--retention 1ms` and waits until its first purge deleted something.
 pub async fn restart_with_retention_of_1ms(server: &mut TestServer) {
     server.terminate();
@@ -327,6 +326,7 @@ pub async fn restart_with_retention_of_1ms(server: &mut TestServer) {
     );
 }
 
+/// Sends a signal to a process.
 pub fn kill(pid: u32, sig: i32) {
     // SAFETY: kill(2) has no memory-safety preconditions.
     unsafe { libc::kill(pid as i32, sig) };
