@@ -339,7 +339,9 @@ impl SqliteStore {
             Input::List(numbers) => numbers.chunks(SEGMENT_LEN as usize).map(|s| le_bytes(s).into_owned()).collect(),
             Input::Range(_) => Vec::new(),
         };
-        let (id, uuid, files) = (job.id.to_string(), job.id, self.files.clone());
+        let id = job.id.to_string();
+        // A big job's result file is created with it (see `result_files`).
+        let file = result_files::in_file(spec.count).then(|| (job.id, self.files.clone()));
         let idempotency = job.idempotency.as_ref().map(|k| (k.key.clone(), k.body_hash.clone(), k.expires_at));
         let (created_at, max_queued, chunks) = (job.created_at, job.max_queued, job.chunks.to_vec());
         let row = (
@@ -415,8 +417,8 @@ impl SqliteStore {
                 for chunk in &chunks {
                     insert.execute(params![id, chunk.index as i64, chunk.offset as i64, chunk.len as i64])?;
                 }
-                if result_files::in_file(count as u64) {
-                    files.create(uuid, count as u64)?;
+                if let Some((job, files)) = &file {
+                    files.create(*job, count as u64)?;
                 }
                 // A claim that fails leaves the job stored: the claim loop tries again.
                 let claimed = ask.and_then(|(node, lease_until, lanes)| {

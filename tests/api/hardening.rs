@@ -18,15 +18,6 @@ async fn cancel(server: &TestServer, id: &str) -> (u16, Value) {
     (status, response.json().await.unwrap())
 }
 
-/// Waits until the job reports at least `chunks` chunks done.
-async fn wait_progress(server: &TestServer, id: &str, chunks: u64) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while server.job(id).await["progress"]["chunks_done"].as_u64().unwrap() < chunks {
-        assert!(Instant::now() < deadline, "job {id} made no progress");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn canceling_a_running_processes_job_kills_its_workers_and_frees_its_cores(backend: Backend) {
     let server = TestServer::start(backend).await;
     let body = json!({"range": {"start": 0, "end": 100}, "strategy": "processes", "cores": 2, "chunk_size": 1, "simulate": {"sleep_ms": 200}});

@@ -314,6 +314,15 @@ impl Drop for TestServer {
     }
 }
 
+/// Waits until the job reports at least `chunks` chunks done.
+pub async fn wait_progress(server: &TestServer, id: &str, chunks: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while server.job(id).await["progress"]["chunks_done"].as_u64().unwrap() < chunks {
+        assert!(std::time::Instant::now() < deadline, "job {id} made no progress");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// Restarts the server with `--retention 1ms` and waits until its first purge deleted something.
 pub async fn restart_with_retention_of_1ms(server: &mut TestServer) {
     server.terminate();

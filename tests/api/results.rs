@@ -99,28 +99,6 @@ async fn a_result_before_success_is_a_409_problem(backend: Backend) {
     assert_eq!(server.squares(&id).await, [1, 4]);
 }
 
-/// Waits until the job reports at least `chunks` chunks done.
-async fn wait_chunks(server: &TestServer, id: &str, chunks: u64) {
-    for _ in 0..1500 {
-        if server.job(id).await["progress"]["chunks_done"].as_u64().unwrap() >= chunks {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    panic!("job {id} made no progress");
-}
-
-/// Checks a whole range job's result against its squares.
-async fn assert_range_squares(server: &TestServer, id: &str, n: i64) {
-    let (status, doc) = server.get_json(&format!("/v1/jobs/{id}/result")).await;
-    assert_eq!(status, 200, "{doc}");
-    let squares = doc["squares"].as_array().unwrap();
-    assert_eq!(squares.len() as i64, n);
-    for (i, s) in squares.iter().enumerate() {
-        assert_eq!(s.as_i64(), Some(i as i64 * i as i64), "position {i}");
-    }
-}
-
 /// On SQLite a job of more than one segment (65,536 numbers) keeps its
 /// squares in a file beside the database: written by the lanes, kept through
 /// `kill -9`, gone with a canceled, deleted or purged job. PostgreSQL stores
@@ -143,7 +121,7 @@ async fn a_big_jobs_squares_survive_kill_9_and_go_with_the_job(backend: Backend)
     let small = server.submit(&json!({"numbers": [3, -4], "cores": 2})).await;
     assert_eq!(server.squares(&small).await, [9, 16]);
     assert_eq!(server.wait_end(&big, 60).await["status"], "succeeded");
-    assert_range_squares(&server, &big, 300_000).await;
+    assert_eq!(server.squares(&big).await, squares_of(&(0..300_000).collect::<Vec<i64>>()));
     assert_eq!(files(&server), expect(&[&big]), "only the big job has a file");
     if backend == Backend::Sqlite {
         let len = std::fs::metadata(server.result_files_dir().join(&big)).unwrap().len();
@@ -155,7 +133,7 @@ async fn a_big_jobs_squares_survive_kill_9_and_go_with_the_job(backend: Backend)
     let slow =
         |n: i64| json!({"range": {"start": 0, "end": n}, "chunk_size": 5000, "cores": 2, "simulate": {"spin": 10_000}});
     let canceled = server.submit(&slow(200_000)).await;
-    wait_chunks(&server, &canceled, 2).await;
+    wait_progress(&server, &canceled, 2).await;
     let response = server.client.post(server.url(&format!("/v1/jobs/{canceled}/cancel"))).send().await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(server.wait_end(&canceled, 30).await["status"], "canceled");
@@ -163,7 +141,7 @@ async fn a_big_jobs_squares_survive_kill_9_and_go_with_the_job(backend: Backend)
 
     // `kill -9` mid-job: the restart re-runs the unfinished chunks into the same file.
     let killed = server.submit(&slow(200_000)).await;
-    wait_chunks(&server, &killed, 4).await;
+    wait_progress(&server, &killed, 4).await;
     let stray = "0196b2a4-0000-7000-8000-000000000000"; // a job id the database does not know
     if backend == Backend::Sqlite {
         std::fs::write(server.result_files_dir().join(stray), b"left by a crash").unwrap();
@@ -174,8 +152,8 @@ async fn a_big_jobs_squares_survive_kill_9_and_go_with_the_job(backend: Backend)
     server.restart();
     let doc = server.wait_end(&killed, 120).await;
     assert_eq!(doc["status"], "succeeded", "{doc}");
-    assert_range_squares(&server, &killed, 200_000).await;
-    assert_range_squares(&server, &big, 300_000).await;
+    assert_eq!(server.squares(&killed).await, squares_of(&(0..200_000).collect::<Vec<i64>>()));
+    assert_eq!(server.squares(&big).await, squares_of(&(0..300_000).collect::<Vec<i64>>()));
     let mut after_restart = expect(&[&big, &killed]);
     if backend == Backend::Sqlite {
         after_restart.push("notes.txt".to_string()); // only job ids are swept
