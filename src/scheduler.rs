@@ -24,7 +24,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex, Weak};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::runtime::Handle;
@@ -172,15 +172,17 @@ impl JobControl {
     }
 }
 
-/// A warm worker in the pool: since when, the job it served, the worker.
-type Warm = (Instant, Weak<LocalJob>, Box<dyn Lane>);
+/// A warm worker in the pool: since when, the control of the job it served
+/// (kept even after that job is gone here: its abort may have killed the
+/// worker, and only the control can tell), the worker.
+type Warm = (Instant, Arc<JobControl>, Box<dyn Lane>);
 
 /// Drops pooled workers (each waits for its process to exit), unregistering
 /// each from the job it served first, so no abort can reach a reaped pid.
 fn drop_warm(warm: Vec<Warm>) {
     for (_, served, lane) in warm {
-        if let (Some(job), Some(pid)) = (served.upgrade(), lane.pid()) {
-            job.control.unregister(pid);
+        if let Some(pid) = lane.pid() {
+            served.unregister(pid);
         }
         drop(lane);
     }
@@ -202,7 +204,7 @@ impl Reserved {
 /// A job with lanes on this node.
 struct LocalJob {
     job: ClaimedJob,
-    control: JobControl,
+    control: Arc<JobControl>,
     /// Chunks claimed for this job and not yet picked up by a lane.
     queue: Mutex<VecDeque<ChunkPlan>>,
     /// Lanes of this job alive here (changed under the scheduler's `running` lock).
@@ -397,7 +399,7 @@ impl Scheduler {
             let local = reusable.unwrap_or_else(|| {
                 let local = Arc::new(LocalJob {
                     job: claim.job.clone(),
-                    control: JobControl::new(),
+                    control: Arc::new(JobControl::new()),
                     queue: Mutex::new(VecDeque::new()),
                     lanes: AtomicUsize::new(0),
                     next_lane: AtomicUsize::new(0),
@@ -882,10 +884,7 @@ impl LaneRun<'_> {
         let kind = self.kind();
         if kind == LaneKind::Process {
             while let Some((_, served, mut warm)) = self.s.pool.lock().unwrap_or_else(|p| p.into_inner()).pop() {
-                let safe = match (served.upgrade(), warm.pid()) {
-                    (Some(job), Some(pid)) => job.control.hand_over(pid),
-                    _ => true, // the job it served is gone: nothing can abort it
-                };
+                let safe = warm.pid().is_none_or(|pid| served.hand_over(pid));
                 if safe && warm.is_reusable() {
                     if let Some(pid) = warm.pid() {
                         self.control().register(pid);
@@ -912,7 +911,7 @@ impl LaneRun<'_> {
             if !self.control().stopped() && lane.is_reusable() {
                 let mut pool = self.s.pool.lock().unwrap_or_else(|p| p.into_inner());
                 if pool.len() < self.s.config.cores as usize {
-                    pool.push((Instant::now(), Arc::downgrade(self.local), lane));
+                    pool.push((Instant::now(), Arc::clone(&self.local.control), lane));
                     return;
                 }
             }
