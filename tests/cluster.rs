@@ -103,8 +103,9 @@ async fn three_nodes_share_jobs_and_finish_every_one_exactly_after_a_node_is_kil
         }
     }
     assert!(spread >= 1, "no job's chunks ran on more than one node");
-    // Only chunks the killed node held when it died (at most its 2 lanes) ran again.
-    assert!(rerun_chunks <= 2, "{rerun_chunks} chunks ran twice");
+    // Only chunks the killed node held when it died ran again: at most eight
+    // per lane (a lane claims up to eight small jobs at once), on its 2 lanes.
+    assert!(rerun_chunks <= 16, "{rerun_chunks} chunks ran twice");
 
     // Every node answers for every job: submit on one, long-poll on another.
     let id = cluster[2].submit(&json!({"numbers": [12], "simulate": {"sleep_ms": 300}})).await;

@@ -361,10 +361,10 @@ delegate! {
     /// `node` no longer owns the chunk. With `next`, a finished job's lane
     /// also gets its next claim (see [`Completion::next`]).
     fn complete_chunk(&self, id: Uuid, chunk: &ChunkPlan, record: &ChunkRecord, last: Option<(u64, &[i64])>, now: i64, next: Option<NextClaim<'_>>) -> StoreResult<Option<Completion>>;
-    /// `complete_chunk` for many jobs' only chunks in one round trip; with
+    /// `complete_chunk` for many jobs' only chunks in one transaction; with
     /// `next` and once one of them finished, claims up to `jobs` jobs for the
-    /// lane: the next claimable job and, where the backend batches (SQLite),
-    /// the small jobs right behind it in claim order (see `sql::batchable`).
+    /// lane: the next claimable job and, when it is small, the small jobs
+    /// right behind it in claim order (see `sql::batchable`).
     fn complete_chunks(&self, ran: &[RanChunk], now: i64, next: Option<NextClaim<'_>>, jobs: u32) -> StoreResult<Completions>;
     /// Ends a job as failed (first ending wins); false if it had already ended.
     fn fail_job(&self, id: Uuid, problem: &Problem, now: i64) -> StoreResult<bool>;

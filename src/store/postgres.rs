@@ -2,7 +2,9 @@
 //! Claims lock a job's row with `FOR UPDATE SKIP LOCKED`, so nodes never wait
 //! on each other; LISTEN/NOTIFY wakes idle schedulers and long-polls on other
 //! nodes (see [`PgStore::listen`]); migrations take sqlx's advisory lock, so
-//! nodes starting at once apply them once.
+//! nodes starting at once apply them once. A lane stores the one-chunk jobs
+//! it ran in one transaction and claims its next small jobs, up to eight, in
+//! one more ([`PgStore::complete_chunks`]): every statement is a round trip.
 
 use std::time::Duration;
 
@@ -329,103 +331,59 @@ impl PgStore {
                 break;
             }
             let id = parse_uuid(&id)?;
-            let claimed = self.claim_job(id, node, free, lease_until, true).await;
+            let claimed = self.claim_job(id, node, free, lease_until, ClaimMode::Skip).await;
             add_claim(&mut claims, &mut free, id, claimed)?;
         }
         Ok(claims)
     }
 
     pub async fn claim_next(&self, id: Uuid, node: &str, lease_until: i64) -> StoreResult<Option<ChunkPlan>> {
-        let claim = self.claim_job(id, node, 1, lease_until, false).await?;
+        let claim = self.claim_job(id, node, 1, lease_until, ClaimMode::Wait).await?;
         Ok(claim.and_then(|c| c.chunks.into_iter().next()))
     }
 
-    /// Claims up to `max` chunks of one job in one transaction, with the
-    /// job's row locked. With `skip_locked` (the claim loop's scan), a job
-    /// another claim holds is skipped instead of waited for.
+    /// Claims up to `max` chunks of one job in a transaction of its own (see [`claim_in`]).
     async fn claim_job(
         &self,
         id: Uuid,
         node: &str,
         max: u32,
         lease_until: i64,
-        skip_locked: bool,
+        mode: ClaimMode,
     ) -> StoreResult<Option<Claim>> {
-        let id_text = id.to_string();
         let mut tx = self.writer.begin().await?;
-        let lock = if skip_locked { " FOR UPDATE SKIP LOCKED" } else { " FOR UPDATE" };
-        let row = sqlx::query(&format!("{}{lock}", q::CLAIMABLE_JOB)).bind(&id_text).fetch_optional(&mut *tx).await?;
-        let Some(row) = row else { return Ok(None) };
-        let series: Option<String> = row.get("series");
-        if let (Some(series), "queued") = (series, row.get::<String, _>("status").as_str()) {
-            // A series runs one job at a time: start this one only when
-            // no other is running (serialised across nodes by a lock).
-            sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))").bind(&series).execute(&mut *tx).await?;
-            let busy: i64 = sqlx::query_scalar(q::SERIES_BUSY).bind(&series).bind(&id_text).fetch_one(&mut *tx).await?;
-            if busy > 0 {
-                return Ok(None);
-            }
-        }
-        let take = chunks_to_take(
-            parse_strategy(row.get("strategy"))?,
-            row.get("cores"),
-            row.get("chunks_running"),
-            row.get("chunks_ready"),
-            max,
-        );
-        if take <= 0 {
-            return Ok(None);
-        }
-        let rows = sqlx::query(q::CLAIM_CHUNKS)
-            .bind(&id_text)
-            .bind(node)
-            .bind(lease_until)
-            .bind(take)
-            .fetch_all(&mut *tx)
-            .await?;
-        let mut chunks: Vec<ChunkPlan> = rows
-            .iter()
-            .map(|r| ChunkPlan {
-                index: r.get::<i64, _>("idx") as u32,
-                offset: r.get::<i64, _>("pos") as u64,
-                len: r.get::<i64, _>("len") as u64,
-            })
-            .collect();
-        chunks.sort_by_key(|c| c.index);
-        if chunks.is_empty() {
-            tx.rollback().await?;
-            return Err(StoreError::Corrupt(format!("job {id} counts ready chunks it does not have")));
-        }
-        // Read the clock only now: the job's insert has committed, so
-        // its start is never before its creation.
-        let now = crate::domain::now_micros();
-        sqlx::query(q::START_JOB).bind(&id_text).bind(now).bind(chunks.len() as i64).execute(&mut *tx).await?;
-        let job = ClaimRow {
-            count: row.get("count"),
-            cores: row.get("cores"),
-            strategy: row.get("strategy"),
-            transport: row.get("transport"),
-            sleep_ms: row.get("sleep_ms"),
-            spin: row.get("spin"),
-            range: (row.get("range_start"), row.get("range_end"), row.get("range_step")),
-            created_at: row.get("created_at"),
-            started_at: row.get("started_at"),
-            attempts: row.get("attempts"),
-            max_attempts: row.get("max_attempts"),
-            timeout_ms: row.get("timeout_ms"),
-            request_id: row.get("request_id"),
-        }
-        .into_job(id, now)?;
-        let input = match prefetch_input(&job) {
-            true => {
-                let data: Vec<u8> =
-                    sqlx::query_scalar(q::INPUT_SEGMENT).bind(&id_text).bind(0i64).fetch_one(&mut *tx).await?;
-                Some(crate::exec::from_le_bytes(&data).collect())
-            }
-            false => None,
-        };
+        let Some((claim, _)) = claim_in(&mut tx, id, node, max, lease_until, mode).await? else { return Ok(None) };
         tx.commit().await?;
-        Ok(Some(Claim { job, chunks, input }))
+        Ok(Some(claim))
+    }
+
+    /// A lane's next work, in one transaction: the next claimable job and,
+    /// when it is small ([`batchable`]), up to `jobs - 1` small jobs right
+    /// behind it in claim order, one chunk each (see `Store::complete_chunks`).
+    async fn claim_batch(&self, node: &str, jobs: u32, lease_until: i64) -> StoreResult<Vec<Claim>> {
+        let candidates: Vec<String> =
+            sqlx::query_scalar(&claim_candidates_sql("jobs j")).bind(CLAIM_WINDOW).fetch_all(&self.writer).await?;
+        let mut tx = self.writer.begin().await?;
+        let mut claims = Vec::new();
+        for id in candidates {
+            let id = parse_uuid(&id)?;
+            let mode = if claims.is_empty() { ClaimMode::Skip } else { ClaimMode::SkipUnlessSmall };
+            match claim_in(&mut tx, id, node, 1, lease_until, mode).await {
+                Ok(Some((claim, small))) => {
+                    claims.push(claim);
+                    if !small || claims.len() >= jobs as usize {
+                        break;
+                    }
+                }
+                Ok(None) if mode == ClaimMode::Skip => {}
+                Ok(None) => break,
+                // Nothing of that job was written: the others' claims stand.
+                Err(e @ StoreError::Corrupt(_)) => tracing::error!(job = %id, error = %e, "skipping a job"),
+                Err(e) => return Err(e),
+            }
+        }
+        tx.commit().await?;
+        Ok(claims)
     }
 
     pub async fn heartbeat(&self, node: &str, lease_until: i64, local: &[Uuid]) -> StoreResult<Vec<Uuid>> {
@@ -508,76 +466,56 @@ impl PgStore {
         let mut tx = self.writer.begin().await?;
         // Job row before chunk rows, as every other writer locks them.
         sqlx::query("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE").bind(&id_text).execute(&mut *tx).await?;
-        let updated = sqlx::query(q::CHUNK_DONE)
-            .bind(&id_text)
-            .bind(chunk.index as i64)
-            .bind(&record.worker)
-            .bind(&record.node)
-            .bind(record.start_ms)
-            .bind(record.duration_ms)
-            .bind(record.spawn_ms)
-            .bind(record.compute_ms)
-            .bind(record.store_ms)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        if updated == 0 {
+        let Some(mut done) = complete_in(&mut tx, &id_text, chunk, record, last, now).await? else {
             return Ok(None); // no longer ours: canceled, failed or rescued
-        }
-        if let Some((pos, squares)) = last {
-            sqlx::query(q::INSERT_RESULT)
-                .bind(&id_text)
-                .bind(pos as i64)
-                .bind(squares.len() as i64)
-                .bind(&*le_bytes(squares))
-                .execute(&mut *tx)
-                .await?;
-        }
-        let row = sqlx::query(q::JOB_PROGRESS).bind(&id_text).bind(chunk.len as i64).fetch_one(&mut *tx).await?;
-        let progress = Progress {
-            chunks_done: row.get::<i64, _>("chunks_done") as u64,
-            chunks_total: row.get::<i64, _>("chunks_total") as u64,
-            numbers_done: row.get::<i64, _>("numbers_done") as u64,
         };
-        let mut finished_wall_ms = None;
-        if progress.chunks_done == progress.chunks_total {
-            finished_wall_ms = finish(&mut tx, &id_text, JobStatus::Succeeded, None, now).await?;
-        }
         tx.commit().await?;
-        let next = match (finished_wall_ms, next) {
-            // The job is stored as done whatever happens here: a failed claim
-            // only leaves the next job to the claim loop.
-            (Some(_), Some(next)) => match self.claim(next.node, 1, next.lease_until).await {
-                Ok(mut claims) => claims.pop(),
-                Err(e) => {
-                    tracing::warn!(error = %e, "claiming after a completion failed");
-                    None
-                }
-            },
-            _ => None,
-        };
-        Ok(Some(Completion { progress, finished_wall_ms, next }))
+        if let (Some(_), Some(next)) = (done.finished_wall_ms, next) {
+            done.next = self.claim_after_completion(next, 1).await.pop();
+        }
+        Ok(Some(done))
     }
 
-    /// One transaction per chunk, and a claim of one job: PostgreSQL does not
-    /// batch lanes yet (its lanes get one job per claim, so `ran` holds one).
+    /// Every chunk in `ran` in one transaction and, once one of their jobs
+    /// finished, the lane's next claims: up to `jobs` small jobs in a second
+    /// one ([`PgStore::claim_batch`]). A tiny job costs a share of two commits.
     pub async fn complete_chunks(
         &self,
         ran: &[RanChunk],
         now: i64,
         next: Option<NextClaim<'_>>,
-        _jobs: u32,
+        jobs: u32,
     ) -> StoreResult<Completions> {
-        let (mut done, mut claimed) = (Vec::with_capacity(ran.len()), Vec::new());
-        for (i, RanChunk { id, chunk, record, squares }) in ran.iter().enumerate() {
+        let mut tx = self.writer.begin().await?;
+        // Job rows before chunk rows, in id order, as every other writer locks them.
+        let mut ids: Vec<String> = ran.iter().map(|r| r.id.to_string()).collect();
+        ids.sort();
+        ids.dedup();
+        sqlx::query("SELECT 1 FROM jobs WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+        let mut done = Vec::with_capacity(ran.len());
+        for RanChunk { id, chunk, record, squares, .. } in ran {
             let last = squares.as_ref().map(|(pos, squares)| (*pos, squares.as_slice()));
-            // The last completion claims (if its job finished).
-            let ask = next.filter(|_| i + 1 == ran.len());
-            let mut completion = self.complete_chunk(*id, chunk, record, last, now, ask).await?;
-            claimed.extend(completion.as_mut().and_then(|c| c.next.take()));
-            done.push(completion);
+            done.push(complete_in(&mut tx, &id.to_string(), chunk, record, last, now).await?);
         }
-        Ok(Completions { done, next: claimed })
+        tx.commit().await?;
+        let finished = done.iter().flatten().any(|d| d.finished_wall_ms.is_some());
+        let next = match next {
+            Some(next) if finished => self.claim_after_completion(next, jobs).await,
+            _ => Vec::new(),
+        };
+        Ok(Completions { done, next })
+    }
+
+    /// A lane's next claims once its completions are stored: a failed claim
+    /// only leaves the next jobs to the claim loop.
+    async fn claim_after_completion(&self, next: NextClaim<'_>, jobs: u32) -> Vec<Claim> {
+        self.claim_batch(next.node, jobs, next.lease_until).await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "claiming after a completion failed");
+            Vec::new()
+        })
     }
 
     pub async fn fail_job(&self, id: Uuid, problem: &Problem, now: i64) -> StoreResult<bool> {
@@ -676,6 +614,157 @@ async fn done_chunks<'e>(db: impl sqlx::PgExecutor<'e>, id: &str) -> StoreResult
             done_chunk(r.get("idx"), r.get("pos"), r.get("len"), r.get("worker"), r.get("node"), times, r.get("runs"))
         })
         .collect())
+}
+
+/// Marks a chunk done inside `tx` (its job's row locked by the caller) with
+/// its `last` segment and, for the job's last chunk, ends the job (see
+/// `Store::complete_chunk`); `None` if the chunk is no longer `record.node`'s
+/// (canceled, failed or rescued).
+async fn complete_in(
+    tx: &mut sqlx::Transaction<'static, Postgres>,
+    id: &str,
+    chunk: &ChunkPlan,
+    record: &ChunkRecord,
+    last: Option<(u64, &[i64])>,
+    now: i64,
+) -> StoreResult<Option<Completion>> {
+    let updated = sqlx::query(q::CHUNK_DONE)
+        .bind(id)
+        .bind(chunk.index as i64)
+        .bind(&record.worker)
+        .bind(&record.node)
+        .bind(record.start_ms)
+        .bind(record.duration_ms)
+        .bind(record.spawn_ms)
+        .bind(record.compute_ms)
+        .bind(record.store_ms)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+    if updated == 0 {
+        return Ok(None);
+    }
+    if let Some((pos, squares)) = last {
+        sqlx::query(q::INSERT_RESULT)
+            .bind(id)
+            .bind(pos as i64)
+            .bind(squares.len() as i64)
+            .bind(&*le_bytes(squares))
+            .execute(&mut **tx)
+            .await?;
+    }
+    let row = sqlx::query(q::JOB_PROGRESS).bind(id).bind(chunk.len as i64).fetch_one(&mut **tx).await?;
+    let progress = Progress {
+        chunks_done: row.get::<i64, _>("chunks_done") as u64,
+        chunks_total: row.get::<i64, _>("chunks_total") as u64,
+        numbers_done: row.get::<i64, _>("numbers_done") as u64,
+    };
+    let mut finished_wall_ms = None;
+    if progress.chunks_done == progress.chunks_total {
+        finished_wall_ms = finish(tx, id, JobStatus::Succeeded, None, now).await?;
+    }
+    Ok(Some(Completion { progress, finished_wall_ms, next: None }))
+}
+
+/// How a claim treats a job row another transaction has locked, and which jobs it takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClaimMode {
+    /// Wait for the lock (a lane claiming more of its own job).
+    Wait,
+    /// Skip a locked job (the claim scan).
+    Skip,
+    /// Skip a locked job, and take only a small one (the rest of a lane's batch).
+    SkipUnlessSmall,
+}
+
+/// Claims up to `max` chunks of job `id` inside `tx`, with the job's row
+/// locked as `mode` says; nothing of the job is written when it returns
+/// `None` or a `Corrupt` error (the transaction stays usable). Returns the
+/// claim and whether the job is [`batchable`].
+async fn claim_in(
+    tx: &mut sqlx::Transaction<'static, Postgres>,
+    id: Uuid,
+    node: &str,
+    max: u32,
+    lease_until: i64,
+    mode: ClaimMode,
+) -> StoreResult<Option<(Claim, bool)>> {
+    let id_text = id.to_string();
+    let lock = if mode == ClaimMode::Wait { " FOR UPDATE" } else { " FOR UPDATE SKIP LOCKED" };
+    let row = sqlx::query(&format!("{}{lock}", q::CLAIMABLE_JOB)).bind(&id_text).fetch_optional(&mut **tx).await?;
+    let Some(row) = row else { return Ok(None) };
+    let job = ClaimRow {
+        count: row.get("count"),
+        cores: row.get("cores"),
+        strategy: row.get("strategy"),
+        transport: row.get("transport"),
+        sleep_ms: row.get("sleep_ms"),
+        spin: row.get("spin"),
+        range: (row.get("range_start"), row.get("range_end"), row.get("range_step")),
+        created_at: row.get("created_at"),
+        started_at: row.get("started_at"),
+        attempts: row.get("attempts"),
+        max_attempts: row.get("max_attempts"),
+        timeout_ms: row.get("timeout_ms"),
+        request_id: row.get("request_id"),
+    };
+    let small = batchable(&job, row.get("chunks_total"));
+    if mode == ClaimMode::SkipUnlessSmall && !small {
+        return Ok(None);
+    }
+    let series: Option<String> = row.get("series");
+    if let (Some(series), "queued") = (series, row.get::<String, _>("status").as_str()) {
+        // A series runs one job at a time: start this one only when
+        // no other is running (serialised across nodes by a lock).
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))").bind(&series).execute(&mut **tx).await?;
+        let busy: i64 = sqlx::query_scalar(q::SERIES_BUSY).bind(&series).bind(&id_text).fetch_one(&mut **tx).await?;
+        if busy > 0 {
+            return Ok(None);
+        }
+    }
+    let take = chunks_to_take(
+        parse_strategy(&job.strategy)?,
+        row.get("cores"),
+        row.get("chunks_running"),
+        row.get("chunks_ready"),
+        max,
+    );
+    if take <= 0 {
+        return Ok(None);
+    }
+    // Read the clock only now: the job's insert has committed, so its start
+    // is never before its creation. A corrupt row fails here, before any write.
+    let now = crate::domain::now_micros();
+    let job = job.into_job(id, now)?;
+    let rows = sqlx::query(q::CLAIM_CHUNKS)
+        .bind(&id_text)
+        .bind(node)
+        .bind(lease_until)
+        .bind(take)
+        .fetch_all(&mut **tx)
+        .await?;
+    let mut chunks: Vec<ChunkPlan> = rows
+        .iter()
+        .map(|r| ChunkPlan {
+            index: r.get::<i64, _>("idx") as u32,
+            offset: r.get::<i64, _>("pos") as u64,
+            len: r.get::<i64, _>("len") as u64,
+        })
+        .collect();
+    chunks.sort_by_key(|c| c.index);
+    if chunks.is_empty() {
+        return Err(StoreError::Corrupt(format!("job {id} counts ready chunks it does not have")));
+    }
+    sqlx::query(q::START_JOB).bind(&id_text).bind(now).bind(chunks.len() as i64).execute(&mut **tx).await?;
+    let input = match prefetch_input(&job) {
+        true => {
+            let data: Vec<u8> =
+                sqlx::query_scalar(q::INPUT_SEGMENT).bind(&id_text).bind(0i64).fetch_one(&mut **tx).await?;
+            Some(crate::exec::from_le_bytes(&data).collect())
+        }
+        false => None,
+    };
+    Ok(Some((Claim { job, chunks, input }, small)))
 }
 
 /// Ends a job that is queued or running, inside `tx`: stores its status,

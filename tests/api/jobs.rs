@@ -274,7 +274,7 @@ async fn histogram(server: &TestServer, name: &str) -> (u64, f64) {
     (value("count") as u64, value("sum"))
 }
 
-async fn small_jobs_queued_behind_a_busy_lane_are_stored_eight_per_write_on_sqlite(backend: Backend) {
+async fn small_jobs_queued_behind_a_busy_lane_are_stored_eight_per_write(backend: Backend) {
     // One core: a slow job holds the only lane while twenty small jobs queue behind it.
     let server = TestServer::start_with(backend, &["--max-cores", "1"]).await;
     let slow = server.submit(&json!({"numbers": [3, 4, 5], "cores": 1, "simulate": {"sleep_ms": 1000}})).await;
@@ -291,17 +291,12 @@ async fn small_jobs_queued_behind_a_busy_lane_are_stored_eight_per_write_on_sqli
         assert_eq!(server.squares(id).await, squares_of(numbers));
     }
     // The slow job's write claims the first eight small jobs; their write the
-    // next eight; theirs the last four; theirs finds nothing. PostgreSQL
-    // does not batch: one write per job.
-    let writes = match backend {
-        Backend::Sqlite => 4,
-        Backend::Postgres => 21,
-    };
-    assert_eq!(histogram(&server, "squared_lane_batch_jobs").await, (writes, 21.0));
+    // next eight; theirs the last four; theirs finds nothing.
+    assert_eq!(histogram(&server, "squared_lane_batch_jobs").await, (4, 21.0));
 }
 
 crate::backend_tests!(
-    small_jobs_queued_behind_a_busy_lane_are_stored_eight_per_write_on_sqlite,
+    small_jobs_queued_behind_a_busy_lane_are_stored_eight_per_write,
     an_older_job_row_reads_its_chunk_timings_from_the_chunks_table,
     every_strategy_and_transport_squares_random_numbers_exactly,
     the_extremes_square_to_exact_64_bit_values,
