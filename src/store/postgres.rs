@@ -628,7 +628,11 @@ async fn complete_in(
     last: Option<(u64, &[i64])>,
     now: i64,
 ) -> StoreResult<Option<Completion>> {
-    let updated = sqlx::query(q::CHUNK_DONE)
+    let (pos, len, data) = match last {
+        Some((pos, squares)) => (pos as i64, squares.len() as i64, Some(le_bytes(squares))),
+        None => (0, 0, None),
+    };
+    let row = sqlx::query(&COMPLETE_CHUNK)
         .bind(id)
         .bind(chunk.index as i64)
         .bind(&record.worker)
@@ -638,22 +642,13 @@ async fn complete_in(
         .bind(record.spawn_ms)
         .bind(record.compute_ms)
         .bind(record.store_ms)
-        .execute(&mut **tx)
-        .await?
-        .rows_affected();
-    if updated == 0 {
-        return Ok(None);
-    }
-    if let Some((pos, squares)) = last {
-        sqlx::query(q::INSERT_RESULT)
-            .bind(id)
-            .bind(pos as i64)
-            .bind(squares.len() as i64)
-            .bind(&*le_bytes(squares))
-            .execute(&mut **tx)
-            .await?;
-    }
-    let row = sqlx::query(q::JOB_PROGRESS).bind(id).bind(chunk.len as i64).fetch_one(&mut **tx).await?;
+        .bind(chunk.len as i64)
+        .bind(pos)
+        .bind(len)
+        .bind(data.as_deref())
+        .fetch_optional(&mut **tx)
+        .await?;
+    let Some(row) = row else { return Ok(None) };
     let progress = Progress {
         chunks_done: row.get::<i64, _>("chunks_done") as u64,
         chunks_total: row.get::<i64, _>("chunks_total") as u64,
@@ -661,7 +656,7 @@ async fn complete_in(
     };
     let mut finished_wall_ms = None;
     if progress.chunks_done == progress.chunks_total {
-        finished_wall_ms = finish(tx, id, JobStatus::Succeeded, None, now).await?;
+        finished_wall_ms = end(tx, id, JobStatus::Succeeded, None, now, job_times(&row)).await?;
     }
     Ok(Some(Completion { progress, finished_wall_ms, next: None }))
 }
@@ -778,18 +773,41 @@ async fn finish(
     now: i64,
 ) -> StoreResult<Option<f64>> {
     let row = sqlx::query(q::JOB_TIMES).bind(id).fetch_one(&mut **tx).await?;
+    end(tx, id, status, error, now, job_times(&row)).await
+}
+
+/// A job's times from a row with `created_at`, `started_at` and `has_callback`.
+fn job_times(row: &PgRow) -> JobTimes {
+    JobTimes {
+        created_at: row.get("created_at"),
+        started_at: row.get("started_at"),
+        has_callback: row.get("has_callback"),
+    }
+}
+
+/// [`finish`] with the job's times already read.
+async fn end(
+    tx: &mut sqlx::Transaction<'static, Postgres>,
+    id: &str,
+    status: JobStatus,
+    error: Option<&Problem>,
+    now: i64,
+    times: JobTimes,
+) -> StoreResult<Option<f64>> {
     let chunks = done_chunks(&mut **tx, id).await?;
-    let (timing, wall_ms) = timing_totals(row.get("created_at"), row.get("started_at"), chunks, now);
-    let ended = sqlx::query(q::FINISH_JOB)
+    let (timing, wall_ms) = timing_totals(times.created_at, times.started_at, chunks, now);
+    // The end and its notification (delivered on commit) in one round trip.
+    let ended = sqlx::query(&FINISH_AND_NOTIFY)
         .bind(id)
         .bind(status.as_str())
         .bind(now)
         .bind(timing)
         .bind(error.map(|e| serde_json::to_string(e).expect("problem serialises")))
-        .execute(&mut **tx)
-        .await?
-        .rows_affected();
-    if ended == 0 {
+        .bind(JOBS_CHANNEL)
+        .bind(format!("{id} {}", status.as_str()))
+        .fetch_optional(&mut **tx)
+        .await?;
+    if ended.is_none() {
         return Ok(None);
     }
     // A job that succeeded has every chunk done and keeps its results.
@@ -797,12 +815,33 @@ async fn finish(
         sqlx::query(q::RELEASE_JOB_CHUNKS).bind(id).execute(&mut **tx).await?;
         sqlx::query(q::DELETE_RESULTS).bind(id).execute(&mut **tx).await?;
     }
-    if row.get::<bool, _>("has_callback") {
+    if times.has_callback {
         sqlx::query(q::WEBHOOK_DUE).bind(id).bind(now).execute(&mut **tx).await?;
     }
-    notify(tx, JOBS_CHANNEL, &format!("{id} {}", status.as_str())).await?;
     Ok(Some(wall_ms))
 }
+
+/// [`q::FINISH_JOB`] and, if it ended the job, `pg_notify($6, $7)`: one row then, none otherwise.
+static FINISH_AND_NOTIFY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!("WITH ended AS ({} RETURNING id) SELECT pg_notify($6, $7) FROM ended", q::FINISH_JOB)
+});
+
+/// A chunk's completion in one round trip: [`q::CHUNK_DONE`]; its last
+/// segment (`$11` position, `$12` length, `$13` bytes, none when `$13` is
+/// null); the job's counts (`$10` numbers). No row when the chunk is no
+/// longer the node's; otherwise the job's counts and times, as after it.
+static COMPLETE_CHUNK: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH done AS ({} RETURNING job_id), \
+         stored AS (INSERT INTO results (job_id, pos, len, data) SELECT job_id, $11, $12, $13 FROM done \
+         WHERE $13::bytea IS NOT NULL ON CONFLICT (job_id, pos) DO UPDATE SET len = excluded.len, data = excluded.data) \
+         UPDATE jobs SET chunks_done = chunks_done + 1, chunks_running = chunks_running - 1, \
+         numbers_done = numbers_done + $10, version = version + 1 WHERE id = $1 AND EXISTS (SELECT 1 FROM done) \
+         RETURNING chunks_done, chunks_total, numbers_done, created_at, started_at, \
+         callback_url IS NOT NULL AS has_callback",
+        q::CHUNK_DONE
+    )
+});
 
 /// Queues a notification, delivered on commit.
 async fn notify(tx: &mut sqlx::Transaction<'static, Postgres>, channel: &str, payload: &str) -> StoreResult<()> {

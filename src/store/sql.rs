@@ -34,6 +34,13 @@ pub(super) struct DoneChunk {
     pub store_ms: f64,
 }
 
+/// A job's times, as ending it needs them (each backend's `end`).
+pub(super) struct JobTimes {
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub has_callback: bool,
+}
+
 /// Columns the job document is built from.
 pub(super) const JOB_COLUMNS: &str = "id, status, created_at, started_at, finished_at, request, attempts, \
      attempt_errors, chunks_total, chunks_done, numbers_done, timing, error, version, callback_url";
@@ -184,12 +191,10 @@ pub(super) mod q {
     pub const CHUNK_DONE: &str = "UPDATE chunks SET state = 'done', owner = NULL, lease_until = NULL, \
          worker = $3, node = $4, start_ms = $5, duration_ms = $6, spawn_ms = $7, compute_ms = $8, store_ms = $9 \
          WHERE job_id = $1 AND idx = $2 AND owner = $4 AND state = 'running'";
-    pub const JOB_PROGRESS: &str = "UPDATE jobs SET chunks_done = chunks_done + 1, \
-         chunks_running = chunks_running - 1, numbers_done = numbers_done + $2, version = version + 1 \
-         WHERE id = $1 RETURNING chunks_done, chunks_total, numbers_done";
-    /// SQLite's [`JOB_PROGRESS`], in two steps (a `RETURNING` costs SQLite a
-    /// temporary b-tree): the job's counts and times before the chunk counts,
-    /// then the count.
+    /// A chunk's completion adds to its job's counts in two steps (SQLite; a
+    /// `RETURNING` costs it a temporary b-tree, and PostgreSQL does it in one
+    /// statement): the job's counts and times before the chunk counts, then
+    /// the count.
     pub const JOB_STATE: &str = "SELECT chunks_done, chunks_total, numbers_done, created_at, started_at, \
          callback_url IS NOT NULL AS has_callback FROM jobs WHERE id = $1";
     pub const ADD_PROGRESS: &str = "UPDATE jobs SET chunks_done = chunks_done + 1, \

@@ -881,13 +881,6 @@ fn finish(c: &Connection, id: &str, status: JobStatus, error: Option<&Problem>, 
     end(c, id, status, error, now, times)
 }
 
-/// A job's times, as [`finish`] needs them.
-struct JobTimes {
-    created_at: i64,
-    started_at: Option<i64>,
-    has_callback: bool,
-}
-
 /// [`finish`] with the job's times already read.
 fn end(
     c: &Connection,

@@ -278,6 +278,10 @@ async fn small_jobs_queued_behind_a_busy_lane_are_stored_eight_per_write(backend
     // One core: a slow job holds the only lane while twenty small jobs queue behind it.
     let server = TestServer::start_with(backend, &["--max-cores", "1"]).await;
     let slow = server.submit(&json!({"numbers": [3, 4, 5], "cores": 1, "simulate": {"sleep_ms": 1000}})).await;
+    let claimed = Instant::now() + Duration::from_secs(10);
+    while server.job(&slow).await["status"] == "queued" && Instant::now() < claimed {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let mut small = Vec::new();
     for i in 0..20i64 {
         let numbers = [i, -i - 1, 3_037_000_499 - i];
