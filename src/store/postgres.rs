@@ -322,11 +322,9 @@ impl PgStore {
     }
 
     pub async fn claim(&self, node: &str, lanes: u32, lease_until: i64) -> StoreResult<Vec<Claim>> {
-        let candidates: Vec<String> =
-            sqlx::query_scalar(&claim_candidates_sql("jobs j")).bind(CLAIM_WINDOW).fetch_all(&self.writer).await?;
         let mut claims = Vec::new();
         let mut free = lanes;
-        for id in candidates {
+        for id in self.candidates().await? {
             if free == 0 {
                 break;
             }
@@ -359,31 +357,27 @@ impl PgStore {
 
     /// A lane's next work, in one transaction: the next claimable job and,
     /// when it is small ([`batchable`]), up to `jobs - 1` small jobs right
-    /// behind it in claim order, one chunk each (see `Store::complete_chunks`).
+    /// behind it in claim order, one chunk each (see [`add_to_batch`]; a
+    /// corrupt job's claim writes nothing, so the others' stand).
     async fn claim_batch(&self, node: &str, jobs: u32, lease_until: i64) -> StoreResult<Vec<Claim>> {
-        let candidates: Vec<String> =
-            sqlx::query_scalar(&claim_candidates_sql("jobs j")).bind(CLAIM_WINDOW).fetch_all(&self.writer).await?;
+        let candidates = self.candidates().await?;
         let mut tx = self.writer.begin().await?;
         let mut claims = Vec::new();
         for id in candidates {
             let id = parse_uuid(&id)?;
             let mode = if claims.is_empty() { ClaimMode::Skip } else { ClaimMode::SkipUnlessSmall };
-            match claim_in(&mut tx, id, node, 1, lease_until, mode).await {
-                Ok(Some((claim, small))) => {
-                    claims.push(claim);
-                    if !small || claims.len() >= jobs as usize {
-                        break;
-                    }
-                }
-                Ok(None) if mode == ClaimMode::Skip => {}
-                Ok(None) => break,
-                // Nothing of that job was written: the others' claims stand.
-                Err(e @ StoreError::Corrupt(_)) => tracing::error!(job = %id, error = %e, "skipping a job"),
-                Err(e) => return Err(e),
+            let claimed = claim_in(&mut tx, id, node, 1, lease_until, mode).await;
+            if !add_to_batch(&mut claims, jobs, id, claimed)? {
+                break;
             }
         }
         tx.commit().await?;
         Ok(claims)
+    }
+
+    /// The ids of the next claimable jobs, in claim order (see `Store::claim`).
+    async fn candidates(&self) -> StoreResult<Vec<String>> {
+        Ok(sqlx::query_scalar(&CANDIDATES).bind(CLAIM_WINDOW).fetch_all(&self.writer).await?)
     }
 
     pub async fn heartbeat(&self, node: &str, lease_until: i64, local: &[Uuid]) -> StoreResult<Vec<Uuid>> {
@@ -661,6 +655,14 @@ async fn complete_in(
     Ok(Some(Completion { progress, finished_wall_ms, next: None }))
 }
 
+/// The claim scan (see [`claim_candidates_sql`]).
+static CANDIDATES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| claim_candidates_sql("jobs j"));
+/// [`q::CLAIMABLE_JOB`], locking the row: waiting for it, or passing over it.
+static CLAIMABLE_WAIT: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("{} FOR UPDATE", q::CLAIMABLE_JOB));
+static CLAIMABLE_SKIP_LOCKED: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("{} FOR UPDATE SKIP LOCKED", q::CLAIMABLE_JOB));
+
 /// How a claim treats a job row another transaction has locked, and which jobs it takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ClaimMode {
@@ -685,8 +687,8 @@ async fn claim_in(
     mode: ClaimMode,
 ) -> StoreResult<Option<(Claim, bool)>> {
     let id_text = id.to_string();
-    let lock = if mode == ClaimMode::Wait { " FOR UPDATE" } else { " FOR UPDATE SKIP LOCKED" };
-    let row = sqlx::query(&format!("{}{lock}", q::CLAIMABLE_JOB)).bind(&id_text).fetch_optional(&mut **tx).await?;
+    let sql = if mode == ClaimMode::Wait { &CLAIMABLE_WAIT } else { &CLAIMABLE_SKIP_LOCKED };
+    let row = sqlx::query(sql).bind(&id_text).fetch_optional(&mut **tx).await?;
     let Some(row) = row else { return Ok(None) };
     let job = ClaimRow {
         count: row.get("count"),

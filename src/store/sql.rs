@@ -404,6 +404,34 @@ pub(super) fn add_claim(
     Ok(())
 }
 
+/// Adds what claiming job `id` gave to a lane's batch (each backend's
+/// `claim_batch`: one chunk of the next claimable job and, when it is
+/// [`batchable`], up to `jobs - 1` batchable jobs right behind it) and says
+/// whether to try the next candidate. The first claim passes over a job it
+/// cannot take; after it, the batch stops at the first one (so none jumps
+/// the queue), at a job that is not batchable, or at `jobs`. A corrupt job
+/// is logged and skipped, as in [`add_claim`].
+pub(super) fn add_to_batch(
+    claims: &mut Vec<crate::store::Claim>,
+    jobs: u32,
+    id: Uuid,
+    claimed: StoreResult<Option<(crate::store::Claim, bool)>>,
+) -> StoreResult<bool> {
+    let first = claims.is_empty();
+    match claimed {
+        Ok(Some((claim, batchable))) => {
+            claims.push(claim);
+            Ok(batchable && claims.len() < jobs as usize)
+        }
+        Ok(None) => Ok(first),
+        Err(e @ StoreError::Corrupt(_)) => {
+            tracing::error!(job = %id, error = %e, "skipping a job");
+            Ok(true)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// How many chunks a claim of up to `max` takes from a job with these counters.
 pub(super) fn chunks_to_take(strategy: Strategy, cores: i64, running: i64, ready: i64, max: u32) -> i64 {
     let cores = match strategy {

@@ -721,24 +721,14 @@ fn claim(c: &Connection, node: &str, lanes: u32, lease_until: i64) -> StoreResul
 
 /// A lane's next work: one chunk of the next claimable job and, when that job
 /// is [`batchable`], up to `jobs - 1` more batchable jobs right behind it in
-/// claim order (stopping at the first that is not, so none jumps the queue).
+/// claim order (see [`add_to_batch`]).
 fn claim_batch(c: &Connection, node: &str, jobs: u32, lease_until: i64) -> StoreResult<Vec<Claim>> {
-    let candidates = candidates(c)?;
     let mut claims = Vec::new();
-    for id in candidates {
+    for id in candidates(c)? {
         let id = parse_uuid(&id)?;
-        let first = claims.is_empty();
-        match claim_job(c, id, node, 1, lease_until, !first) {
-            Ok(Some((claim, batchable))) => {
-                claims.push(claim);
-                if !batchable || claims.len() >= jobs as usize {
-                    break;
-                }
-            }
-            Ok(None) if first => {}
-            Ok(None) => break,
-            Err(e @ StoreError::Corrupt(_)) => tracing::error!(job = %id, error = %e, "skipping a job"),
-            Err(e) => return Err(e),
+        let claimed = claim_job(c, id, node, 1, lease_until, !claims.is_empty());
+        if !add_to_batch(&mut claims, jobs, id, claimed)? {
+            break;
         }
     }
     Ok(claims)
