@@ -976,16 +976,25 @@ def build_report(cfg, env, R):
 
     # ---- scaling
     a("## Scaling\n")
-    a("Time per number, threads on 2 cores (submit→succeeded / N):\n")
-    a("| N | ns per number | server wall ns per number | vs smallest N |")
-    a("|---|---|---|---|")
-    base = None
+    a("Time per number, threads on 2 cores (submit→succeeded / N), and the disk's floor: the same squares stored the way the lanes "
+      "store them (one result file, two threads, `sync_file_range` per segment, one `fdatasync` each) with no server at all "
+      "(`examples/disk_floor.rs`, same disk, run right after the big jobs):\n")
+    a("| N | ns per number | server wall ns per number | vs smallest N | disk floor ns per number | floor vs smallest N |")
+    a("|---|---|---|---|---|---|")
+    floor = R["disk_floor"] if "skipped" not in R["disk_floor"] else {}
+    base = floor_base = None
     for c in cells:
         if c["strategy"] == "threads" and c["cores"] == 2:
             per = c["e2e"]["median"] / c["n"] * 1e9
             base = base or per
-            a(f"| {human(c['n'])} | {per:.2f} | {c['wall']['median'] / c['n'] * 1e9:.2f} | {per / base:.2f}× |")
+            f = floor.get(c["n"])
+            fper = f["median"] / c["n"] * 1e9 if f else None
+            floor_base = floor_base or fper
+            fcells = f"{fper:.2f} ({f['min'] / c['n'] * 1e9:.2f}–{f['max'] / c['n'] * 1e9:.2f}) | {fper / floor_base:.2f}×" if f else "– | –"
+            a(f"| {human(c['n'])} | {per:.2f} | {c['wall']['median'] / c['n'] * 1e9:.2f} | {per / base:.2f}× | {fcells} |")
     a("")
+    if "skipped" in R["disk_floor"]:
+        a(f"Disk floor not measured: {R['disk_floor']['skipped']}.\n")
     a(f"CPU-bound job: {cfg.spin_numbers:,} numbers with `simulate.spin` = {cfg.spin:,}, cores 1 vs 2:\n")
     a("| strategy | 1 core s | 2 cores s | speedup |")
     a("|---|---|---|---|")
@@ -1083,6 +1092,11 @@ def targets(cfg, R):
         worst = max(devs.values(), key=abs)
         span = ", ".join(f"{human(n)} {d:+.0%}" for n, d in sorted(devs.items()))
         missing = "" if 10**8 in per else " — 10^8 not measured" + (" (--quick)" if cfg.quick else "")
+        floor = R["disk_floor"] if "skipped" not in R["disk_floor"] else {}
+        if 10**6 in floor and len(floor) > 1:
+            fper = {n: floor[n]["median"] / n for n in floor}
+            fspan = ", ".join(f"{human(n)} {fper[n] / fper[10**6] - 1:+.0%}" for n in sorted(fper) if n != 10**6)
+            missing += f"; the disk floor alone, no server: {fspan}"
         lines.append(f"{verdict(abs(worst) <= 0.20)}  time per number (threads, 2 cores) vs 10^6: {span} (target within ±20%){missing}")
     return lines
 
@@ -1104,6 +1118,7 @@ class Config:
         self.clients = 64
         self.client_procs = args.client_procs
         self.load_client = load_client(args)  # None: the Python client
+        self.disk_floor = beside_squared(args, "disk_floor")  # None: not built
         self.client_threads = 1
         self.tiny_cores = 1
         self.open_seconds = 4.0 if args.quick else 10.0
@@ -1124,8 +1139,32 @@ def load_client(args):
         return None
     if args.load_client:
         return os.path.realpath(args.load_client)
-    beside = os.path.join(os.path.dirname(os.path.realpath(args.squared)), "examples", "tiny_load")
+    return beside_squared(args, "tiny_load")
+
+
+def beside_squared(args, example):
+    """The release build of `examples/EXAMPLE.rs` beside the --squared binary, or None."""
+    beside = os.path.join(os.path.dirname(os.path.realpath(args.squared)), "examples", example)
     return beside if os.access(beside, os.X_OK) else None
+
+
+def bench_disk_floor(cfg):
+    """examples/disk_floor: the big jobs' squares stored as the lanes store
+    them (result file, two threads, fdatasync), with no server: the part of
+    the time per number that the disk alone sets. Same disk as the servers'
+    databases (the temporary directory)."""
+    if not cfg.disk_floor:
+        return {"skipped": "examples/disk_floor is not built beside --squared (`cargo build --release --example disk_floor`)"}
+    tmp = tempfile.mkdtemp(prefix="squared-floor-")
+    try:
+        cmd = [cfg.disk_floor, "--dir", tmp, "--repeats", str(cfg.repeats)]
+        for n in cfg.sizes:
+            cmd += ["--n", str(n)]
+        log("disk floor: " + shlex.join(cmd))
+        out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {r["n"]: summary(r["seconds"]) for r in out["runs"]}
 
 
 def main():
@@ -1164,6 +1203,7 @@ def main():
     R["seed"].append(run_seed(cfg.seed_small, 2, cfg.repeats, ["process_per_number", "chunked_array", "chunked_queue", "pool_map", "list_comprehension"]))
 
     R["big"], R["downloads"] = bench_big_jobs(cfg)
+    R["disk_floor"] = bench_disk_floor(cfg)
     # squared at the seed's small N, for the process-per-number comparison.
     srv = Server(cfg.binary)
     try:

@@ -34,7 +34,7 @@ use crate::domain::{
 };
 
 pub use postgres::PgStore;
-pub use result_files::ResultFile;
+pub use result_files::{ResultFile, ResultFiles};
 use sql::Release;
 pub use sql::{JOBS_CHANNEL, WORK_CHANNEL};
 pub use sqlite::SqliteStore;
