@@ -299,7 +299,24 @@ async fn small_jobs_queued_behind_a_busy_lane_are_stored_eight_per_write(backend
     assert_eq!(histogram(&server, "squared_lane_batch_jobs").await, (4, 21.0));
 }
 
+/// More chunks than one insert statement takes (1,000 per statement), with
+/// metadata and a list input: every row of the job is stored, whichever
+/// statement it went in.
+async fn a_job_of_more_chunks_than_one_insert_statement_is_stored_whole(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let numbers = Rng::new(11).numbers(2_345);
+    let body = json!({"numbers": numbers, "cores": 2, "chunk_size": 1, "metadata": {"team": "red", "run": "7"}});
+    let id = server.submit(&body).await;
+    let doc = server.wait_end(&id, 60).await;
+    assert_eq!(doc["status"], "succeeded", "{doc}");
+    assert_eq!(doc["progress"], json!({"chunks_done": 2_345, "chunks_total": 2_345, "numbers_done": 2_345}));
+    let (_, listed) = server.get_json("/v1/jobs?metadata.team=red&metadata.run=7").await;
+    assert_eq!(listed["jobs"].as_array().unwrap().iter().map(|j| &j["id"]).collect::<Vec<_>>(), [&json!(id)]);
+    assert_eq!(server.squares(&id).await, squares_of(&numbers));
+}
+
 crate::backend_tests!(
+    a_job_of_more_chunks_than_one_insert_statement_is_stored_whole,
     small_jobs_queued_behind_a_busy_lane_are_stored_eight_per_write,
     an_older_job_row_reads_its_chunk_timings_from_the_chunks_table,
     every_strategy_and_transport_squares_random_numbers_exactly,
