@@ -4,7 +4,10 @@
 //! nodes (see [`PgStore::listen`]); migrations take sqlx's advisory lock, so
 //! nodes starting at once apply them once. A lane stores the one-chunk jobs
 //! it ran in one transaction and claims its next small jobs, up to eight, in
-//! one more ([`PgStore::complete_chunks`]): every statement is a round trip.
+//! one more ([`PgStore::complete_chunks`]). Every statement is a round trip,
+//! so the hot ones are writeable CTEs: a job's insert ([`insert_statements`]),
+//! a claim's chunks, start and input ([`CLAIM_AND_START`]) and a chunk's
+//! completion ([`COMPLETE_CHUNK`]) are one statement each.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -696,34 +699,35 @@ async fn claim_in(
     // is never before its creation. A corrupt row fails here, before any write.
     let now = crate::domain::now_micros();
     let job = job.into_job(id, now)?;
-    let rows = sqlx::query(q::CLAIM_CHUNKS)
+    let rows = sqlx::query(&CLAIM_AND_START)
         .bind(&id_text)
         .bind(node)
         .bind(lease_until)
         .bind(take)
+        .bind(now)
+        .bind(prefetch_input(&job))
         .fetch_all(&mut **tx)
         .await?;
-    let mut chunks: Vec<ChunkPlan> = rows
-        .iter()
-        .map(|r| ChunkPlan {
-            index: r.get::<i64, _>("idx") as u32,
-            offset: r.get::<i64, _>("pos") as u64,
-            len: r.get::<i64, _>("len") as u64,
-        })
-        .collect();
+    let mut chunks = Vec::with_capacity(rows.len());
+    let mut input = None;
+    for row in &rows {
+        chunks.push(ChunkPlan {
+            index: row.get::<i64, _>("idx") as u32,
+            offset: row.get::<i64, _>("pos") as u64,
+            len: row.get::<i64, _>("len") as u64,
+        });
+        if let Some(data) = row.get::<Option<Vec<u8>>, _>("input") {
+            input = Some(crate::exec::from_le_bytes(&data).collect());
+        }
+    }
     chunks.sort_by_key(|c| c.index);
     if chunks.is_empty() {
         return Err(StoreError::Corrupt(format!("job {id} counts ready chunks it does not have")));
     }
-    sqlx::query(q::START_JOB).bind(&id_text).bind(now).bind(chunks.len() as i64).execute(&mut **tx).await?;
-    let input = match prefetch_input(&job) {
-        true => {
-            let data: Vec<u8> =
-                sqlx::query_scalar(q::INPUT_SEGMENT).bind(&id_text).bind(0i64).fetch_one(&mut **tx).await?;
-            Some(crate::exec::from_le_bytes(&data).collect())
-        }
-        false => None,
-    };
+    if prefetch_input(&job) && input.is_none() {
+        // As a read of the missing segment fails: the whole claim with it.
+        return Err(sqlx::Error::RowNotFound.into());
+    }
     Ok(Some((Claim { job, chunks, input }, small)))
 }
 
@@ -805,6 +809,21 @@ static COMPLETE_CHUNK: std::sync::LazyLock<String> = std::sync::LazyLock::new(||
          RETURNING chunks_done, chunks_total, numbers_done, created_at, started_at, \
          callback_url IS NOT NULL AS has_callback",
         q::CHUNK_DONE
+    )
+});
+
+/// A claim's writes and reads in one statement: [`q::CLAIM_CHUNKS`] (`$1`
+/// job, `$2` node, `$3` lease, `$4` how many), then [`q::START_JOB`] for as
+/// many chunks as it claimed (`$5` now; no start when it claimed none) and,
+/// when `$6`, the job's input segment at 0 (in the `input` column of the
+/// first chunk's row, null in the others).
+static CLAIM_AND_START: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let start = q::START_JOB.replace("$2", "$5").replace("$3", "(SELECT COUNT(*) FROM claimed)");
+    format!(
+        "WITH claimed AS ({}), started AS ({start} AND EXISTS (SELECT 1 FROM claimed)) \
+         SELECT idx, pos, len, CASE WHEN $6 AND idx = (SELECT MIN(idx) FROM claimed) \
+         THEN (SELECT data FROM job_inputs WHERE job_id = $1 AND pos = 0) END AS input FROM claimed",
+        q::CLAIM_CHUNKS
     )
 });
 
