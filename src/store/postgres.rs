@@ -5,7 +5,7 @@
 //! nodes starting at once apply them once. A lane stores the one-chunk jobs
 //! it ran in one transaction and claims its next small jobs, up to eight, in
 //! one more ([`PgStore::complete_chunks`]). Every statement is a round trip,
-//! so the hot ones are writeable CTEs: a job's insert ([`insert_statements`]),
+//! so the hot ones are writeable CTEs: a job's insert ([`first_insert`]),
 //! a claim's chunks, start and input ([`CLAIM_AND_START`]) and a chunk's
 //! completion ([`COMPLETE_CHUNK`]) are one statement each.
 
@@ -202,15 +202,14 @@ impl PgStore {
     /// which the claim loop, woken by the insert's notification, makes anyway.
     ///
     /// A job without an idempotency key or a queue limit, whose rows fit
-    /// [`insert_statements`]' first statement (every job of one input
-    /// segment and at most [`INSERT_BATCH`] chunks), is one statement and
-    /// its own transaction: one round trip instead of six for a tiny job.
+    /// [`first_insert`] (every job of one input segment and at most
+    /// [`INSERT_BATCH`] chunks), is one statement and its own transaction:
+    /// one round trip instead of six for a tiny job.
     pub async fn insert_job(&self, job: &NewJob<'_>) -> StoreResult<(Inserted, Option<Vec<Claim>>)> {
         let id = job.id.to_string();
-        let statements = insert_statements(job, &id)?;
-        if job.idempotency.is_none() && job.max_queued.is_none() && statements.len() == 1 {
-            let Statement { sql, args } = statements.into_iter().next().expect("one statement");
-            sqlx::query_with(&sql, args).execute(&self.writer).await?;
+        let first = first_insert(job, &id)?;
+        if job.idempotency.is_none() && job.max_queued.is_none() && !has_more_inserts(job) {
+            sqlx::query_with(&first.sql, first.args).execute(&self.writer).await?;
             return Ok((Inserted::New, None));
         }
         let mut tx = self.writer.begin().await?;
@@ -241,8 +240,11 @@ impl PgStore {
                 return Ok((Inserted::QueueFull, None));
             }
         }
-        for Statement { sql, args } in statements {
-            sqlx::query_with(&sql, args).execute(&mut *tx).await?;
+        sqlx::query_with(&first.sql, first.args).execute(&mut *tx).await?;
+        // One at a time, so a big input is never encoded twice over at once.
+        for more in more_inserts(job, &id) {
+            let more = more?;
+            sqlx::query_with(&more.sql, more.args).execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok((Inserted::New, None))
@@ -874,13 +876,12 @@ impl Statement {
     }
 }
 
-/// The statements that store a new job, in order. The first inserts the
-/// job's row (`$1` its id, reused by every row after it), its metadata, its
-/// input when it is one segment and its first [`INSERT_BATCH`] chunks, as
-/// one writeable CTE that also notifies [`WORK_CHANNEL`] (delivered at
-/// commit); the others insert the rest of the input, a segment each, and
-/// of the chunks, [`INSERT_BATCH`] each.
-fn insert_statements(job: &NewJob<'_>, id: &str) -> StoreResult<Vec<Statement>> {
+/// The statement that stores a new job, or begins to: one writeable CTE
+/// that inserts the job's row (`$1` its id, reused by every row after it),
+/// its metadata, its input's first segment and its first [`INSERT_BATCH`]
+/// chunks, and notifies [`WORK_CHANNEL`] (delivered at commit). The rest,
+/// if any ([`has_more_inserts`]), comes from [`more_inserts`].
+fn first_insert(job: &NewJob<'_>, id: &str) -> StoreResult<Statement> {
     let spec = job.spec;
     let echo = serde_json::to_string(&spec.echo()).expect("the echo serialises");
     let range = match &spec.input {
@@ -908,7 +909,6 @@ fn insert_statements(job: &NewJob<'_>, id: &str) -> StoreResult<Vec<Statement>> 
         .arg(spec.callback_url.as_deref())?
         .arg(job.series.map(|s| s.to_string()))?
         .arg(job.request_id.as_deref())?;
-
     if !spec.metadata.is_empty() {
         first.sql.push_str(", metadata AS (INSERT INTO job_metadata (job_id, key, value) VALUES ");
         for (i, (key, value)) in spec.metadata.iter().enumerate() {
@@ -920,53 +920,65 @@ fn insert_statements(job: &NewJob<'_>, id: &str) -> StoreResult<Vec<Statement>> 
         }
         first.sql.push(')');
     }
-    let mut rest = Vec::new();
-    if let Input::List(numbers) = &spec.input {
-        for (i, segment) in numbers.chunks(SEGMENT_LEN as usize).enumerate() {
-            let pos = (i as u64 * SEGMENT_LEN) as i64;
-            if i == 0 {
-                first.sql.push_str(", input AS (INSERT INTO job_inputs (job_id, pos, data) VALUES ($1, ");
-                first.bind(pos)?;
-                first.sql.push_str(", ");
-                first.bind(&*le_bytes(segment))?;
-                first.sql.push_str("))");
-            } else {
-                let mut next = Statement::new(q::INSERT_INPUT);
-                next.arg(id)?.arg(pos)?.arg(&*le_bytes(segment))?;
-                rest.push(next);
-            }
-        }
+    if let Some(segment) = input_segments(job).next() {
+        first.sql.push_str(", input AS (INSERT INTO job_inputs (job_id, pos, data) VALUES ($1, 0, ");
+        first.bind(&*le_bytes(segment))?;
+        first.sql.push_str("))");
     }
-    for (i, batch) in job.chunks.chunks(INSERT_BATCH).enumerate() {
-        let statement = match i {
-            0 => {
-                first.sql.push_str(", chunks AS (");
-                &mut first
-            }
-            _ => {
-                let mut next = Statement::new("");
-                next.arg(id)?;
-                rest.push(next);
-                rest.last_mut().expect("just pushed")
-            }
-        };
-        statement.sql.push_str("INSERT INTO chunks (job_id, idx, pos, len) VALUES ");
-        for (j, chunk) in batch.iter().enumerate() {
-            statement.sql.push_str(if j == 0 { "($1, " } else { ", ($1, " });
-            statement.bind(chunk.index as i64)?;
-            statement.sql.push_str(", ");
-            statement.bind(chunk.offset as i64)?;
-            statement.sql.push_str(", ");
-            statement.bind(chunk.len as i64)?;
-            statement.sql.push(')');
-        }
-        if i == 0 {
-            first.sql.push(')');
-        }
+    if let Some(batch) = job.chunks.chunks(INSERT_BATCH).next() {
+        first.sql.push_str(", chunks AS (");
+        push_chunk_rows(&mut first, batch)?;
+        first.sql.push(')');
     }
     first.sql.push_str(" SELECT pg_notify(");
     first.bind(WORK_CHANNEL)?;
     first.sql.push_str(", '')");
-    rest.insert(0, first);
-    Ok(rest)
+    Ok(first)
+}
+
+/// Whether a job's rows need more than [`first_insert`].
+fn has_more_inserts(job: &NewJob<'_>) -> bool {
+    input_segments(job).nth(1).is_some() || job.chunks.len() > INSERT_BATCH
+}
+
+/// The statements that store what [`first_insert`] left of a job, built one
+/// at a time: the rest of its input, a segment each, then of its chunks,
+/// [`INSERT_BATCH`] each.
+fn more_inserts<'a>(job: &'a NewJob<'_>, id: &'a str) -> impl Iterator<Item = StoreResult<Statement>> + 'a {
+    let inputs = input_segments(job).enumerate().skip(1).map(move |(i, segment)| {
+        let mut next = Statement::new(q::INSERT_INPUT);
+        next.arg(id)?.arg((i as u64 * SEGMENT_LEN) as i64)?.arg(&*le_bytes(segment))?;
+        Ok(next)
+    });
+    let chunks = job.chunks.chunks(INSERT_BATCH).skip(1).map(move |batch| {
+        let mut next = Statement::new("");
+        next.arg(id)?;
+        push_chunk_rows(&mut next, batch)?;
+        Ok(next)
+    });
+    inputs.chain(chunks)
+}
+
+/// A list job's numbers, a stored input segment at a time (none for a range).
+fn input_segments<'a>(job: &'a NewJob<'_>) -> impl Iterator<Item = &'a [i64]> + 'a {
+    let numbers: &[i64] = match &job.spec.input {
+        Input::List(numbers) => numbers,
+        Input::Range(_) => &[],
+    };
+    numbers.chunks(SEGMENT_LEN as usize)
+}
+
+/// `INSERT INTO chunks … VALUES` for `batch`, each row with `$1` as its job.
+fn push_chunk_rows(statement: &mut Statement, batch: &[ChunkPlan]) -> StoreResult<()> {
+    statement.sql.push_str("INSERT INTO chunks (job_id, idx, pos, len) VALUES ");
+    for (i, chunk) in batch.iter().enumerate() {
+        statement.sql.push_str(if i == 0 { "($1, " } else { ", ($1, " });
+        statement.bind(chunk.index as i64)?;
+        statement.sql.push_str(", ");
+        statement.bind(chunk.offset as i64)?;
+        statement.sql.push_str(", ");
+        statement.bind(chunk.len as i64)?;
+        statement.sql.push(')');
+    }
+    Ok(())
 }
