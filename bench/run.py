@@ -1161,7 +1161,10 @@ def bench_disk_floor(cfg):
         for n in cfg.sizes:
             cmd += ["--n", str(n)]
         log("disk floor: " + shlex.join(cmd))
-        out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode != 0:
+            return {"skipped": f"examples/disk_floor exited {run.returncode}: {run.stderr.strip()[-300:]}"}
+        out = json.loads(run.stdout)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {r["n"]: summary(r["seconds"]) for r in out["runs"]}

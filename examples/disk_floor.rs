@@ -14,7 +14,8 @@
 //! into a buffer with the server's kernel, write each segment with
 //! `ResultFile::write` and end with `ResultFile::sync`; the file is removed
 //! after each repeat, as a deleted job's is. The time per repeat runs from
-//! the create to the second sync.
+//! the create to the second sync; it includes starting the two threads
+//! (tens of microseconds; the server keeps its lane threads instead).
 //!
 //! It prints one JSON object: `{"runs": [{"n": N, "seconds": [..]}, ..]}`.
 
