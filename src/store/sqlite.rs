@@ -29,9 +29,24 @@ pub struct SqliteStore {
     files: ResultFiles,
 }
 
+/// Process-wide SQLite settings, made before SQLite initialises (the first
+/// connection): no memory statistics, which squared never reads and which
+/// cost a global mutex around every allocation SQLite makes. Later calls,
+/// or calls after another library initialised SQLite, change nothing.
+fn configure_sqlite() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: SQLITE_CONFIG_MEMSTATUS takes one int; before initialisation
+        // nothing else is using SQLite, and after it the call only returns
+        // SQLITE_MISUSE.
+        let _ = unsafe { rusqlite::ffi::sqlite3_config(rusqlite::ffi::SQLITE_CONFIG_MEMSTATUS, 0 as std::ffi::c_int) };
+    });
+}
+
 impl SqliteStore {
     /// Opens (creating when missing) the database at `url` and applies migrations.
     pub async fn open(url: &str, readers: u32) -> StoreResult<Self> {
+        configure_sqlite();
         let options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
