@@ -618,7 +618,17 @@ async fn complete_in(
     };
     let mut finished_wall_ms = None;
     if progress.chunks_done == progress.chunks_total {
-        finished_wall_ms = end(tx, id, JobStatus::Succeeded, None, now, job_times(&row)).await?;
+        // A job of one chunk has just this one done: no need to read it back.
+        let chunks = match progress.chunks_total {
+            1 => {
+                let times = [record.start_ms, record.duration_ms, record.spawn_ms, record.compute_ms, record.store_ms];
+                let (worker, node) = (Some(record.worker.clone()), Some(record.node.clone()));
+                let (index, offset, len) = (chunk.index.into(), chunk.offset as i64, chunk.len as i64);
+                vec![done_chunk(index, offset, len, worker, node, times.map(Some), row.get("runs"))]
+            }
+            _ => done_chunks(&mut **tx, id).await?,
+        };
+        finished_wall_ms = end(tx, id, JobStatus::Succeeded, None, now, job_times(&row), chunks).await?;
     }
     Ok(Some(Completion { progress, finished_wall_ms, next: None }))
 }
@@ -744,7 +754,8 @@ async fn finish(
     now: i64,
 ) -> StoreResult<Option<f64>> {
     let row = sqlx::query(q::JOB_TIMES).bind(id).fetch_one(&mut **tx).await?;
-    end(tx, id, status, error, now, job_times(&row)).await
+    let chunks = done_chunks(&mut **tx, id).await?;
+    end(tx, id, status, error, now, job_times(&row), chunks).await
 }
 
 /// A job's times from a row with `created_at`, `started_at` and `has_callback`.
@@ -756,7 +767,7 @@ fn job_times(row: &PgRow) -> JobTimes {
     }
 }
 
-/// [`finish`] with the job's times already read.
+/// [`finish`] with the job's times and done chunks already read.
 async fn end(
     tx: &mut sqlx::Transaction<'static, Postgres>,
     id: &str,
@@ -764,8 +775,8 @@ async fn end(
     error: Option<&Problem>,
     now: i64,
     times: JobTimes,
+    chunks: Vec<DoneChunk>,
 ) -> StoreResult<Option<f64>> {
-    let chunks = done_chunks(&mut **tx, id).await?;
     let (timing, wall_ms) = timing_totals(times.created_at, times.started_at, chunks, now);
     // The end and its notification (delivered on commit) in one round trip.
     let ended = sqlx::query(&FINISH_AND_NOTIFY)
@@ -800,16 +811,17 @@ static FINISH_AND_NOTIFY: std::sync::LazyLock<String> = std::sync::LazyLock::new
 /// A chunk's completion in one round trip: [`q::CHUNK_DONE`]; its last
 /// segment (`$11` position, `$12` length, `$13` bytes, none when `$13` is
 /// null); the job's counts (`$10` numbers). No row when the chunk is no
-/// longer the node's; otherwise the job's counts and times, as after it.
+/// longer the node's; otherwise the job's counts and times, as after it,
+/// and the chunk's `runs`.
 static COMPLETE_CHUNK: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
-        "WITH done AS ({} RETURNING job_id), \
+        "WITH done AS ({} RETURNING job_id, runs), \
          stored AS (INSERT INTO results (job_id, pos, len, data) SELECT job_id, $11, $12, $13 FROM done \
          WHERE $13::bytea IS NOT NULL ON CONFLICT (job_id, pos) DO UPDATE SET len = excluded.len, data = excluded.data) \
          UPDATE jobs SET chunks_done = chunks_done + 1, chunks_running = chunks_running - 1, \
          numbers_done = numbers_done + $10, version = version + 1 WHERE id = $1 AND EXISTS (SELECT 1 FROM done) \
          RETURNING chunks_done, chunks_total, numbers_done, created_at, started_at, \
-         callback_url IS NOT NULL AS has_callback",
+         callback_url IS NOT NULL AS has_callback, (SELECT runs FROM done) AS runs",
         q::CHUNK_DONE
     )
 });

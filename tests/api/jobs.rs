@@ -240,17 +240,24 @@ async fn deleting_removes_an_ended_job_and_refuses_a_running_one(backend: Backen
 /// them: the document falls back to the chunks table.
 async fn an_older_job_row_reads_its_chunk_timings_from_the_chunks_table(backend: Backend) {
     let server = TestServer::start(backend).await;
-    let id = server.submit(&json!({"range": {"start": 0, "end": 3000}, "cores": 3, "strategy": "threads"})).await;
-    let doc = server.wait_end(&id, 30).await;
-    assert_eq!(doc["status"], "succeeded", "{doc}");
-    assert_eq!(doc["timing"]["chunks"].as_array().unwrap().len(), 3, "{doc}");
-    let strip = match backend {
-        Backend::Sqlite => format!("UPDATE jobs SET timing = json_remove(timing, '$.chunks') WHERE id = '{id}'"),
-        Backend::Postgres => format!("UPDATE jobs SET timing = (timing::jsonb - 'chunks')::text WHERE id = '{id}'"),
-    };
-    execute_sql(&server.database_url(), &strip).await;
-    let old = server.job(&id).await;
-    assert_eq!(old["timing"], doc["timing"], "the same timings, read from the chunks table");
+    // Three chunks, and one (whose end is written without reading its chunk back).
+    let three = json!({"range": {"start": 0, "end": 3000}, "cores": 3, "strategy": "threads"});
+    let one = json!({"numbers": [4, 5, 6], "cores": 1, "strategy": "threads"});
+    for (body, chunks) in [(three, 3), (one, 1)] {
+        let id = server.submit(&body).await;
+        let doc = server.wait_end(&id, 30).await;
+        assert_eq!(doc["status"], "succeeded", "{doc}");
+        assert_eq!(doc["timing"]["chunks"].as_array().unwrap().len(), chunks, "{doc}");
+        let strip = match backend {
+            Backend::Sqlite => format!("UPDATE jobs SET timing = json_remove(timing, '$.chunks') WHERE id = '{id}'"),
+            Backend::Postgres => {
+                format!("UPDATE jobs SET timing = (timing::jsonb - 'chunks')::text WHERE id = '{id}'")
+            }
+        };
+        execute_sql(&server.database_url(), &strip).await;
+        let old = server.job(&id).await;
+        assert_eq!(old["timing"], doc["timing"], "the same timings, read from the chunks table");
+    }
 }
 
 /// Runs one statement on the server's database, as an operator would.
