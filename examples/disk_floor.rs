@@ -25,7 +25,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use squared::domain::{split, Simulate, SEGMENT_LEN};
-use squared::exec::{square_into, Source};
+use squared::exec::{segments, square_into, Source};
 use squared::store::ResultFiles;
 use uuid::Uuid;
 
@@ -60,7 +60,7 @@ fn main() -> anyhow::Result<()> {
                     .into_iter()
                     .map(|chunk| {
                         let files = &files;
-                        s.spawn(move || store_chunk(files, id, chunk.offset, chunk.offset + chunk.len))
+                        s.spawn(move || store_chunk(files, id, chunk.offset, chunk.len))
                     })
                     .collect();
                 for lane in lanes {
@@ -77,17 +77,15 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One lane: squares `from..to` segment by segment into job `id`'s file, then syncs it.
-fn store_chunk(files: &ResultFiles, id: Uuid, from: u64, to: u64) -> anyhow::Result<()> {
+/// One lane: squares chunk `offset, len` segment by segment (cut as the
+/// lanes cut it) into job `id`'s file, then syncs it.
+fn store_chunk(files: &ResultFiles, id: Uuid, offset: u64, len: u64) -> anyhow::Result<()> {
     let mut file = files.writer(id)?.expect("created above");
     let mut squares = vec![0i64; SEGMENT_LEN as usize];
-    let mut pos = from;
-    while pos < to {
-        let end = ((pos / SEGMENT_LEN + 1) * SEGMENT_LEN).min(to);
-        let out = &mut squares[..(end - pos) as usize];
+    for (pos, n) in segments(offset, len) {
+        let out = &mut squares[..n];
         square_into(Source::Range { first: pos as i64, step: 1 }, out, Simulate::default(), None)?;
         file.write(pos, out)?;
-        pos = end;
     }
     file.sync()?;
     Ok(())
